@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from trainwatch.probes import activations as A
+
+
+def _independent_histogram(x: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """The same binning, written with NumPy loops: zero in the middle, magnitude bins mirrored by sign."""
+    e = len(edges)
+    counts = np.zeros(A.num_bins(torch.tensor(edges)))
+    zero = e + 1
+    for v in x.ravel():
+        if np.isnan(v):
+            counts[2 * zero + 1] += 1
+        elif v == np.inf:
+            counts[2 * zero + 2] += 1
+        elif v == -np.inf:
+            counts[2 * zero + 3] += 1
+        elif v == 0:
+            counts[zero] += 1
+        else:
+            m = int(np.searchsorted(edges, abs(v), side="left"))
+            counts[zero + 1 + m if v > 0 else zero - 1 - m] += 1
+    return counts
+
+
+def test_histogram_matches_independent_binning_and_sums_to_numel():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1000, generator=g) * torch.logspace(-8, 6, 1000)
+    x[::97] = 0
+    x[5], x[6], x[7] = float("nan"), float("inf"), float("-inf")
+    counts = A.histogram_counts(x)
+    assert counts.sum().item() == x.numel()
+    expect = _independent_histogram(x.numpy().astype(np.float64), A.EDGES.numpy())
+    np.testing.assert_array_equal(counts.numpy(), expect)
+    assert len(A.histogram_labels()) == A.num_bins()
+
+
+def test_summary_columns_match_torch():
+    g = torch.Generator().manual_seed(1)
+    x = torch.relu(torch.randn(16, 4, 5, generator=g))
+    x[:, 2] = 0  # a dead channel: zero for every sample
+    s = A.activation_summary(x)
+    col = {c: s[i].item() for i, c in enumerate(A.STAT_COLUMNS)}
+    assert col["numel"] == x.numel() and col["finite"] == x.numel()
+    assert col["sum"] / col["finite"] == pytest.approx(x.mean().item(), rel=1e-6)
+    assert col["zeros"] == (x == 0).sum().item()
+    never_active = (~(x != 0).any(0)).sum().item()
+    assert col["dead"] == never_active >= 5
+    assert col["positions"] == 20
+    assert s[len(A.STAT_COLUMNS) :].sum().item() == x.numel()
+
+
+def test_saturation_per_kind():
+    x = torch.tensor([[-0.995, 0.0, 0.5, 0.999]])
+    assert A.saturation_mask(x, "tanh").sum().item() == 2
+    assert A.saturation_mask(torch.tensor([0.001, 0.5, 0.995]), "sigmoid").sum().item() == 2
+    with pytest.raises(ValueError, match="'tanh' or 'sigmoid'"):
+        A.saturation_mask(x, "relu")
+
+
+def test_pooled_group_stats_equal_stats_of_concatenation():
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(8, 3, generator=g), torch.tanh(3 * torch.randn(8, 5, generator=g))
+    summaries = torch.stack([A.activation_summary(a), A.activation_summary(b, "tanh")])
+    pooled = A.pool_summaries(summaries, torch.tensor([0, 0]), 1)
+    both = torch.cat([a.reshape(-1), b.reshape(-1)]).double()
+    assert pooled["act_mean"].item() == pytest.approx(both.mean().item(), rel=1e-9)
+    assert pooled["act_std"].item() == pytest.approx(both.std(unbiased=False).item(), rel=1e-9)
+    assert pooled["act_saturated_frac"].item() == pytest.approx((b.abs() > 0.99).float().mean().item())
+
+
+def test_probe_hooks_fire_and_are_removed():
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.LSTM(4, 2, batch_first=True))
+    probe = A.ActivationProbe([("0", net[0]), ("1", net[1])])
+    probe.arm()
+    x = torch.randn(5, 3)
+    net[1](net[0](x))
+    probe.disarm()
+    assert all(not m._forward_hooks for m in net.modules())
+    out = probe.collect(torch.device("cpu"))
+    assert out.shape == (2, len(A.STAT_COLUMNS) + A.num_bins())
+    assert out[0, 0].item() == 20 and out[1, 4].item() == (net[1](net[0](x)) == 0).sum().item()
+    assert A.first_tensor((torch.ones(2), torch.zeros(1))) is not None
+    assert A.first_tensor(torch.ones(2, dtype=torch.long)) is None

@@ -1,0 +1,79 @@
+import math
+
+import pytest
+import torch
+
+from trainwatch.probes import gradients as G
+
+
+def _tensors():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 7, generator=g)
+    a[0, :3] = 0
+    b = torch.randn(11, generator=g)
+    b[2], b[5], b[7] = float("nan"), float("inf"), float("-inf")
+    c = torch.zeros(3, 3)
+    return [a, b, c]
+
+
+def test_tensor_stats_match_independent_computation():
+    ts = _tensors()
+    s = G.tensor_stats(ts)
+    for i, t in enumerate(ts):
+        finite_norm = torch.linalg.vector_norm(t)
+        if torch.isfinite(t).all():
+            assert s.sq_norm[i].sqrt().item() == pytest.approx(finite_norm.item(), rel=1e-6)
+            assert s.max_abs[i].item() == pytest.approx(t.abs().max().item())
+        assert s.nonfinite[i].item() == (~torch.isfinite(t)).sum().item()
+        assert s.zeros[i].item() == (t == 0).sum().item()
+        assert s.numel[i].item() == t.numel()
+    assert math.isnan(s.sq_norm[1].item())  # non-finite values are counted and visible, never dropped
+
+
+def test_count_nonfinite_in_small_chunks(monkeypatch):
+    monkeypatch.setattr(G, "CHUNK_NUMEL", 4)
+    ts = _tensors()
+    assert G.count_nonfinite(ts).tolist() == [0.0, 3.0, 0.0]
+
+
+def test_group_norm_is_norm_of_concatenation():
+    g = torch.Generator().manual_seed(1)
+    ts = [torch.randn(4, 3, generator=g), torch.randn(3, generator=g), torch.randn(2, 2, generator=g)]
+    index = torch.tensor([0, 0, 1])
+    grouped = G.group_grad_stats(G.tensor_stats(ts), index, 2)
+    expect0 = torch.linalg.vector_norm(torch.cat([ts[0].reshape(-1), ts[1]]))
+    assert grouped.norm[0].item() == pytest.approx(expect0.item(), rel=1e-6)
+    assert grouped.norm[1].item() == pytest.approx(torch.linalg.vector_norm(ts[2]).item(), rel=1e-6)
+    assert grouped.max_abs[0].item() == pytest.approx(max(ts[0].abs().max().item(), ts[1].abs().max().item()))
+    total = torch.linalg.vector_norm(torch.cat([t.reshape(-1) for t in ts]))
+    assert G.total_norm(G.tensor_stats(ts)).item() == pytest.approx(total.item(), rel=1e-6)
+
+
+def test_group_max_propagates_nan():
+    values = torch.tensor([1.0, float("nan"), 3.0])
+    out = G.group_max(values, torch.tensor([0, 0, 1]), 2)
+    assert math.isnan(out[0].item()) and out[1].item() == 3.0
+
+
+def test_grad_stats_treats_missing_grad_as_zero():
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))
+    b.grad = torch.tensor([[3.0, 0.0], [4.0, 0.0]])
+    s = G.grad_stats([a, b])
+    assert s.sq_norm.tolist() == [0.0, 25.0]
+    assert s.zeros.tolist() == [3.0, 2.0]
+    assert s.numel.tolist() == [3.0, 4.0]
+
+
+def test_update_and_distance_norms():
+    p = [torch.nn.Parameter(torch.tensor([1.0, 2.0])), torch.nn.Parameter(torch.tensor([3.0]))]
+    before = G.snapshot(p)
+    with torch.no_grad():
+        p[0].add_(torch.tensor([3.0, 4.0]))
+    assert G.update_norms(p, before).tolist() == [5.0, 0.0]
+    ref = [torch.zeros(2), torch.zeros(1)]
+    assert G.distance_norms(p, ref).tolist() == pytest.approx([math.hypot(4, 6), 3.0])
+
+
+def test_empty_input_is_an_error():
+    with pytest.raises(ValueError, match="at least one tensor"):
+        G.tensor_stats([])

@@ -1,0 +1,378 @@
+"""TrainWatch on real Lightning training into a real MLflow store: values, cadence, runs, bad configuration."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from mlflow.tracking import MlflowClient
+from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import nn
+
+from tests.models import Classifier, blobs, loaders, mlp, trainer
+from trainwatch import TrainWatch
+from trainwatch.probes.activations import STAT_COLUMNS
+
+pytestmark = pytest.mark.slow
+
+
+def _only_run(uri: str, experiment: str = "trainwatch"):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1
+    return client, runs[0]
+
+
+def _history(client, run_id: str, key: str) -> dict[int, float]:
+    hist = client.get_metric_history(run_id, key)
+    steps = [m.step for m in hist]
+    assert len(steps) == len(set(steps)), f"{key} logged twice at a step"
+    return {m.step: m.value for m in hist}
+
+
+def _npz(client, run_id: str, path: str) -> dict:
+    local = client.download_artifacts(run_id, path)
+    with open(local, "rb") as f:
+        return dict(np.load(io.BytesIO(f.read())))
+
+
+class Recorder(pl.Callback):
+    """Independent measurements at the hooks TrainWatch uses, placed after it in the callback list."""
+
+    def __init__(self, every: int, probe: torch.Tensor) -> None:
+        self.every, self.probe = every, probe
+        self.grad: dict[int, dict[str, torch.Tensor]] = {}
+        self.before: dict[int, dict[str, torch.Tensor]] = {}
+        self.update: dict[int, dict[str, float]] = {}
+        self.acts: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        step = trainer.global_step
+        if step % self.every == 0:
+            self.grad[step] = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()}
+            self.before[step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step - 1
+        if step not in self.before or step in self.update:
+            return
+        self.update[step] = {n: p.detach().clone() - self.before[step][n] for n, p in pl_module.named_parameters()}
+        outs: dict[str, torch.Tensor] = {}
+        handles = [
+            m.register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o.detach().clone())) for n, m in pl_module.net.named_children()
+        ]
+        pl_module.eval()
+        with torch.no_grad():
+            pl_module(self.probe)
+        pl_module.train()
+        for h in handles:
+            h.remove()
+        self.acts[step] = outs
+
+
+def _module_norm(tensors: dict[str, torch.Tensor], module: str) -> float:
+    return torch.linalg.vector_norm(torch.cat([t.reshape(-1) for n, t in tensors.items() if n.startswith(f"net.{module}.")])).item()
+
+
+def test_logged_values_equal_independent_computation(store):
+    pl.seed_everything(0)
+    data = blobs()
+    train, val = loaders(data)
+    probe = data.tensors[0][:64]
+    rec = Recorder(3, probe)
+    model = Classifier(mlp())
+    trainer(max_steps=10, callbacks=[TrainWatch(every_n_steps=3, tracking_uri=store, system_metrics=False), rec]).fit(model, train, val)
+
+    client, run = _only_run(store)
+    rid = run.info.run_id
+    assert sorted(rec.grad) == [0, 3, 6, 9]
+    for module in ("net.0", "net.3", "net.5"):
+        m = module.split(".")[1]
+        norms = _history(client, rid, f"grad_norm/{module}")
+        ratios = _history(client, rid, f"update_ratio/{module}")
+        weights = _history(client, rid, f"weight_norm/{module}")
+        maxes = _history(client, rid, f"grad_max/{module}")
+        assert sorted(norms) == [0, 3, 6, 9]
+        for step in norms:
+            assert norms[step] == pytest.approx(_module_norm(rec.grad[step], m), rel=1e-5)
+            expect_max = max(t.abs().max().item() for n, t in rec.grad[step].items() if n.startswith(f"net.{m}."))
+            assert maxes[step] == pytest.approx(expect_max, rel=1e-6)
+            w = _module_norm(rec.before[step], m)
+            assert weights[step] == pytest.approx(w, rel=1e-5)
+            assert ratios[step] == pytest.approx(_module_norm(rec.update[step], m) / w, rel=1e-4)
+    total = _history(client, rid, "train/grad_norm_total")
+    for step, grads in rec.grad.items():
+        expect = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads.values()])).item()
+        assert total[step] == pytest.approx(expect, rel=1e-5)
+
+    # activations of the fixed probe batch (the first 64 validation inputs), eval mode
+    tanh_mean, relu_zero, tanh_sat = (
+        _history(client, rid, k) for k in ("act_mean/net.1", "act_zero_frac/net.4", "act_saturated_frac/net.1")
+    )
+    for step, outs in rec.acts.items():
+        assert tanh_mean[step] == pytest.approx(outs["1"].mean().item(), rel=1e-5, abs=1e-7)
+        assert relu_zero[step] == pytest.approx((outs["4"] == 0).float().mean().item())
+        assert tanh_sat[step] == pytest.approx((outs["1"].abs() > 0.99).float().mean().item())
+    assert "act_saturated_frac/net.4" not in run.data.metrics  # only tanh/sigmoid groups have one
+
+    hist = _npz(client, rid, "trainwatch/histograms/activations/part-00000.npz")
+    assert hist["step"].tolist() == [0, 3, 6, 9]
+    counts = hist["values"][:, :, len(STAT_COLUMNS) :]
+    np.testing.assert_array_equal(counts.sum(-1), hist["values"][:, :, 0])
+    assert hist["values"][0, list(hist["names"]).index("net.1"), 0] == 64 * 16
+
+    table = _npz(client, rid, "trainwatch/stats/params/part-00000.npz")
+    names, cols = list(table["names"]), list(table["columns"])
+    for i, step in enumerate(table["step"].tolist()):
+        for name in ("net.0.weight", "net.5.bias"):
+            expect = torch.linalg.vector_norm(rec.grad[step][name]).item()
+            assert table["values"][i, names.index(name), cols.index("grad_norm")] == pytest.approx(expect, rel=1e-5)
+    groups = client.download_artifacts(rid, "trainwatch/groups.json")
+    assert '"key": "net.0"' in open(groups).read()
+    assert run.data.tags["trainwatch.version"]
+    assert "train_loss" in run.data.metrics and "train/lr/opt0_group0" in run.data.metrics
+    assert run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    ("every", "log_every", "expected"), [(4, 50, [0, 4, 8, 12, 16]), (None, 5, [0, 5, 10, 15]), (1, 50, list(range(17)))]
+)
+def test_logged_steps_are_exactly_the_cadence(store, every, log_every, expected):
+    pl.seed_everything(0)
+    train, val = loaders(blobs(n=64), batch_size=8)
+    watch = TrainWatch(every_n_steps=every, tracking_uri=store, system_metrics=False, activations="live")
+    trainer(max_steps=17, log_every_n_steps=log_every, callbacks=[watch]).fit(Classifier(mlp()), train, val)
+    client, run = _only_run(store)
+    assert sorted(_history(client, run.info.run_id, "grad_norm/net.0")) == expected
+    assert sorted(_history(client, run.info.run_id, "act_mean/net.1")) == expected
+
+
+def test_gradient_accumulation_logs_optimizer_steps(store):
+    pl.seed_everything(0)
+    train, val = loaders(blobs(n=128), batch_size=8)
+    rec = Recorder(2, torch.zeros(1, 8))
+    watch = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False, activations="off")
+    trainer(max_steps=6, accumulate_grad_batches=3, callbacks=[watch, rec]).fit(Classifier(mlp()), train, val)
+    client, run = _only_run(store)
+    norms = _history(client, run.info.run_id, "grad_norm/net.0")
+    assert sorted(norms) == [0, 2, 4]
+    for step, value in norms.items():  # accumulated over 3 micro-batches, as the optimizer sees it
+        assert value == pytest.approx(_module_norm(rec.grad[step], "0"), rel=1e-5)
+
+
+def test_mlflow_logger_run_is_used(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path}/logger.db"
+    logger = MLFlowLogger(experiment_name="mine", tracking_uri=uri)
+    train, val = loaders(blobs(n=64), batch_size=16)
+    trainer(max_steps=4, logger=logger, callbacks=[TrainWatch(every_n_steps=1, system_metrics=False)]).fit(Classifier(mlp()), train, val)
+    assert mlflow.active_run() is None
+    client, run = _only_run(uri, "mine")
+    assert run.info.run_id == logger.run_id
+    assert sorted(_history(client, run.info.run_id, "grad_norm/net.0")) == [0, 1, 2, 3]
+    assert not (tmp_path / "mlflow.db").exists()  # nothing went to the default store
+
+
+def test_own_run_uses_env_uri_then_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    train, val = loaders(blobs(n=32), batch_size=16)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
+    trainer(max_steps=2, callbacks=[TrainWatch(every_n_steps=1, system_metrics=False)]).fit(Classifier(mlp()), train, val)
+    _only_run(f"sqlite:///{tmp_path}/env.db")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    trainer(max_steps=2, callbacks=[TrainWatch(every_n_steps=1, system_metrics=False, run_name="r")]).fit(Classifier(mlp()), train, val)
+    _, run = _only_run("sqlite:///mlflow.db")
+    assert run.info.run_name == "r" and "grad_norm/net.0" in run.data.metrics
+
+
+class StepCounter(pl.Callback):
+    steps = 0
+
+    def on_train_batch_start(self, *args):
+        StepCounter.steps += 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"modules": ["net.9"]}, r"names module 'net.9'.*Closest names"),
+        ({"probe_batch": torch.zeros(4, 5)}, r"probe batch.*shape \(4, 5\).*fails in `Classifier.forward`"),
+    ],
+)
+def test_bad_configuration_fails_in_setup_before_any_step(store, kwargs, match):
+    StepCounter.steps = 0
+    train, val = loaders(blobs(n=32), batch_size=16)
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer(max_steps=2, callbacks=[TrainWatch(tracking_uri=store, **kwargs), StepCounter()]).fit(Classifier(mlp()), train, val)
+    assert StepCounter.steps == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every_n_steps": -1}, r"every_n_steps=-1\)` must be a positive integer"),
+        ({"every_n_steps": 0}, r"every_n_steps=0\)`"),
+        ({"activations": "all"}, r"activations='all'\)` must be one of"),
+        ({"max_metric_keys": 10}, r"max_metric_keys=10\)` must be an integer >= "),
+        ({"probe_batch": [1, 2]}, r"probe_batch=...\)` must be a tensor"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainWatch(**kwargs)
+
+
+def test_probe_from_dict_batches_asks_for_probe_batch(store):
+    class DictData(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return {"x": torch.zeros(8), "y": 0}
+
+    class DictModel(Classifier):
+        def training_step(self, batch, batch_idx):
+            return self(batch["x"]).sum()
+
+    loader = torch.utils.data.DataLoader(DictData(), batch_size=4)
+    with pytest.raises(MisconfigurationException, match=r"Pass `TrainWatch\(probe_batch=...\)`"):
+        trainer(max_steps=2, callbacks=[TrainWatch(tracking_uri=store)]).fit(DictModel(mlp()), loader)
+    # with an explicit probe batch the same model trains and is watched
+    trainer(max_steps=2, callbacks=[TrainWatch(tracking_uri=store, probe_batch=torch.randn(4, 8), every_n_steps=1)]).fit(
+        DictModel(mlp()), loader
+    )
+
+
+def test_state_dict_keeps_the_probe_set_for_a_resumed_run(store, tmp_path):
+    train, val = loaders(blobs(n=64), batch_size=16)
+    watch = TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False)
+    t = trainer(max_steps=2, callbacks=[watch], enable_checkpointing=True, default_root_dir=tmp_path)
+    t.fit(Classifier(mlp()), train, val)
+    ckpt = tmp_path / "last.ckpt"
+    t.save_checkpoint(ckpt)
+    resumed = TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False)
+    trainer(max_steps=4, callbacks=[resumed]).fit(Classifier(mlp()), train, val, ckpt_path=ckpt)
+    assert torch.equal(resumed.state_dict()["probe_inputs"], watch.state_dict()["probe_inputs"])
+
+
+def test_lightning_cli_yaml_configures_trainwatch(store, tmp_path):
+    from pytorch_lightning.cli import LightningCLI
+
+    from trainwatch.demo import DigitsCNN, DigitsData
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+trainer:
+  max_steps: 4
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  accelerator: cpu
+  callbacks:
+    - class_path: trainwatch.TrainWatch
+      init_args:
+        every_n_steps: 2
+        tracking_uri: {store}
+        system_metrics: false
+        modules: [features]
+"""
+    )
+    LightningCLI(DigitsCNN, DigitsData, args=["fit", "--config", str(config)], save_config_callback=None)
+    client, run = _only_run(store)
+    assert sorted(_history(client, run.info.run_id, "grad_norm/features.0")) == [0, 2]
+    assert "grad_norm/classifier" not in run.data.metrics  # `modules` restricted what is watched
+
+
+def test_no_trainable_parameter_in_modules_is_an_error(store):
+    model = Classifier(mlp())
+    for p in model.net[0].parameters():
+        p.requires_grad_(False)
+    train, val = loaders(blobs(n=32), batch_size=16)
+    with pytest.raises(MisconfigurationException, match="nothing to watch"):
+        trainer(max_steps=1, callbacks=[TrainWatch(tracking_uri=store, modules=["net.0"], activations="off")]).fit(model, train, val)
+
+
+def test_exception_in_training_keeps_everything_logged_and_fails_the_run(store):
+    class Exploding(Classifier):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 5:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    train, val = loaders(blobs(n=256), batch_size=8)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(max_steps=10, callbacks=[TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False)]).fit(
+            Exploding(mlp()), train, val
+        )
+    client, run = _only_run(store)
+    assert sorted(_history(client, run.info.run_id, "grad_norm/net.0")) == [0, 1, 2, 3, 4]
+    assert run.info.status == "FAILED"
+    hist = _npz(client, run.info.run_id, "trainwatch/histograms/activations/part-00000.npz")
+    assert hist["step"].tolist() == [0, 1, 2, 3, 4]  # the open part was flushed on the exception
+
+
+def test_large_model_stays_under_the_key_budget(store):
+    class Deep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.ReLU()) for _ in range(60)])
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = x + block(x)
+            return self.head(x)
+
+    train, val = loaders(blobs(n=32), batch_size=16)
+    trainer(max_steps=2, callbacks=[TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False)]).fit(
+        Classifier(Deep()), train, val
+    )
+    client, run = _only_run(store)
+    keys = set(run.data.metrics)
+    assert len(keys) <= 300
+    # 60 blocks do not fit one group each (60 × 11 keys): ranges of 3 consecutive blocks do
+    assert {"grad_norm/net.blocks.0..2", "grad_norm/net.head", "act_zero_frac/net.blocks.57..59"} <= keys
+    groups = client.download_artifacts(run.info.run_id, "trainwatch/groups.json")
+    import json
+
+    plan = json.loads(Path(groups).read_text())
+    assert plan["grouping"] == "prefix_depth_3"
+    block0 = next(g for g in plan["groups"] if g["key"] == "net.blocks.0..2")
+    assert block0["param_modules"] == [f"net.blocks.{i}.{j}" for i in range(3) for j in range(2)]
+    # full per-parameter detail still goes to the table
+    table = _npz(client, run.info.run_id, "trainwatch/stats/params/part-00000.npz")
+    assert len(table["names"]) == 60 * 4 + 2
+
+
+def test_demo_trains_and_logs(tmp_path, monkeypatch, capsys):
+    from trainwatch.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--epochs", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
+    _, run = _only_run("sqlite:///mlflow.db", "trainwatch-demo")
+    assert {"grad_norm/features.0", "update_ratio/classifier", "act_zero_frac/features.2", "val_acc"} <= set(run.data.metrics)
+
+
+def test_system_metrics_land_in_the_same_run(store):
+    import time
+
+    class Slow(Classifier):
+        def training_step(self, batch, batch_idx):
+            time.sleep(0.4)
+            return super().training_step(batch, batch_idx)
+
+    train, val = loaders(blobs(n=64), batch_size=8)
+    watch = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics_interval_s=0.5)
+    trainer(max_steps=8, callbacks=[watch]).fit(Slow(mlp()), train, val)
+    _, run = _only_run(store)
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
+    assert "train/step_ms" in run.data.metrics and run.data.metrics["train/step_ms"] >= 400

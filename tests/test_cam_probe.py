@@ -1,0 +1,152 @@
+"""CAM snapshots inside real training: artifacts, images over steps, no effect on training, setup errors."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from mlflow.tracking import MlflowClient
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from tests.models import Classifier, cnn, images, loaders, trainer
+from trainwatch import TrainWatch, cam
+from trainwatch.probes.cam_probe import balanced_probes
+
+pytestmark = pytest.mark.slow
+
+
+def blob_data(n: int = 256, size: int = 16, seed: int = 0) -> TensorDataset:
+    """Class 0: a bright blob in the left half; class 1: in the right half. Where to look is known."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 2, (n,), generator=g)
+    cy = torch.randint(3, size - 3, (n,), generator=g).float()
+    cx = torch.where(
+        y == 0, torch.randint(2, size // 2 - 2, (n,), generator=g), torch.randint(size // 2 + 2, size - 2, (n,), generator=g)
+    ).float()
+    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    x = torch.exp(-((yy - cy.view(-1, 1, 1)) ** 2 + (xx - cx.view(-1, 1, 1)) ** 2) / 4)
+    return TensorDataset((x + 0.05 * torch.randn(n, size, size, generator=g)).unsqueeze(1), y)
+
+
+def blob_net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 2),
+    )  # fmt: skip
+
+
+def _run(uri):
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("trainwatch").experiment_id])
+    assert len(runs) == 1
+    return client, runs[0].info.run_id
+
+
+def test_cam_snapshots_every_epoch_land_as_artifacts_images_and_metrics(store):
+    pl.seed_everything(0)
+    train, val = loaders(blob_data(), batch_size=32)
+    watch = TrainWatch(
+        every_n_steps=4,
+        tracking_uri=store,
+        system_metrics=False,
+        cam_every_n_epochs=1,
+        cam_methods=["grad_cam", "layer_cam"],
+        cam_samples=4,
+    )
+    trainer(max_epochs=3, callbacks=[watch]).fit(Classifier(blob_net(), lr=0.01), train, val)
+    client, rid = _run(store)
+    steps = [m.step for m in client.get_metric_history(rid, "cam_confidence/p0")]
+    assert steps == [0, 8, 16, 24]  # the untrained model, then each epoch end (8 steps per epoch)
+    assert len(client.get_metric_history(rid, "cam_raw_max_layer_cam/p3")) == 4
+    probes = np.load(io.BytesIO(Path(client.download_artifacts(rid, "trainwatch/cam/probes.npz")).read_bytes()))
+    assert probes["inputs"].shape == (4, 1, 16, 16) and sorted(probes["targets"].tolist()) == [0, 0, 1, 1]  # balanced
+    for method in ("grad_cam", "layer_cam"):
+        files = sorted(a.path for a in client.list_artifacts(rid, f"trainwatch/cam/{method}"))
+        assert [f.rsplit("/", 1)[1] for f in files] == [f"step-{s:08d}.npz" for s in steps]
+        snap = np.load(io.BytesIO(Path(client.download_artifacts(rid, files[-1])).read_bytes()))
+        assert snap["maps"].shape == (4, 16, 16) and snap["maps"].max() <= 1 and (snap["raw_max"] > 0).all()
+    pngs = [a.path for a in client.list_artifacts(rid, "images") if a.path.endswith(".png") and "cam~grad_cam" in a.path]
+    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in pngs) == steps
+
+
+def test_trained_maps_look_at_the_blob_and_differ_from_random_weights():
+    """The sanity check of Adebayo et al. 2018: maps must depend on the learned weights."""
+    pl.seed_everything(0)
+    data = blob_data(n=512)
+    model = Classifier(blob_net(), lr=0.01)
+    trainer(max_epochs=4).fit(model, DataLoader(data, batch_size=32, shuffle=True))
+    x, y = data.tensors[0][:64], data.tensors[1][:64]
+    net = model.net.eval()
+    # HiResCAM: with a 2×2 pool before the head, gradients depend on position, which Grad-CAM's spatial
+    # average discards (Draelos & Carin 2020); HiResCAM keeps them and must find the blob.
+    trained = cam.hires_cam(net, x, "3", y)
+    pl.seed_everything(1)
+    random_maps = cam.hires_cam(blob_net().eval(), x, "3", y)
+    assert (trained - random_maps).abs().mean() > 0.15
+    peak_x = trained.flatten(1).argmax(1) % 16
+    blob_x = x[:, 0].flatten(1).argmax(1) % 16
+    assert ((peak_x - blob_x).abs() <= 2).float().mean() >= 0.9
+
+
+def test_training_is_bit_identical_with_cam_every_step(store):
+    def run(callbacks):
+        pl.seed_everything(5)
+        model = Classifier(cnn(), lr=0.05)
+        train, val = loaders(images(n=64, size=8), batch_size=8)
+        trainer(max_steps=8, accumulate_grad_batches=2, callbacks=callbacks).fit(model, train, val)
+        return model
+
+    bare = run([])
+    watch = TrainWatch(
+        every_n_steps=1, tracking_uri=store, system_metrics=False, cam_every_n_steps=1, cam_methods=list(cam.METHODS), cam_samples=3
+    )
+    watched = run([watch])
+    for (name, a), b in zip(bare.state_dict().items(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert all(not m._forward_hooks and not m._backward_hooks for m in watched.modules())
+    client, rid = _run(store)
+    assert [m.step for m in client.get_metric_history(rid, "cam_confidence/p0")] == list(range(8))
+
+
+def test_balanced_probes_round_robin_over_classes():
+    x = torch.arange(10.0).view(10, 1, 1, 1)
+    y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 2, 2, 1])
+    inputs, targets = balanced_probes(DataLoader(TensorDataset(x, y), batch_size=4), 5)
+    assert targets.tolist() == [0, 1, 2, 0, 1]
+    assert inputs.view(-1).tolist() == [0, 6, 7, 1, 9]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"cam_layer": "net.99"}, r"'net.99' is not in `model.named_modules\(\)`"),
+        ({"cam_layer": "net.9"}, r"no spatial dimensions"),  # the Linear head
+        (
+            {"cam_probes": torch.zeros(2, 3, 8, 8), "cam_targets": torch.tensor([0, 1])},
+            r"shape \(2, 3, 8, 8\).*fail in `Classifier.forward`",
+        ),
+        ({"cam_probes": torch.zeros(2, 1, 8, 8, dtype=torch.long), "cam_targets": torch.tensor([0, 1])}, r"must be float images"),
+        (
+            {"cam_probes": torch.zeros(2, 1, 8, 8), "cam_targets": torch.tensor([0, 5])},
+            r"targets must be class indices in \[0, 3\), got \[0, 5\]",
+        ),
+        ({"cam_probes": torch.zeros(2, 1, 8, 8), "cam_targets": torch.tensor([0])}, r"one class index per probe"),
+    ],
+)
+def test_bad_cam_configuration_fails_before_training(store, kwargs, match):
+    train, val = loaders(images(n=32, size=8), batch_size=8)
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer(max_steps=2, callbacks=[TrainWatch(tracking_uri=store, cam_every_n_steps=1, **kwargs)]).fit(Classifier(cnn()), train, val)
+
+
+def test_bad_cam_arguments_fail_at_construction():
+    with pytest.raises(ValueError, match=r"cam_methods=\['gradcam'\]\)`: unknown \['gradcam'\]; choose from"):
+        TrainWatch(cam_methods=["gradcam"])
+    with pytest.raises(ValueError, match="needs `cam_targets=`"):
+        TrainWatch(cam_every_n_epochs=1, cam_probes=torch.zeros(2, 1, 8, 8))

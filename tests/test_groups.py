@@ -1,0 +1,79 @@
+import pytest
+from torch import nn
+
+from trainwatch.groups import ACT_FAMILIES, PARAM_FAMILIES, activation_modules, bind, key_segment, param_modules, plan_groups, resolve_names
+
+
+def _bottleneck(c: int) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(c, c, 1),
+        nn.BatchNorm2d(c),
+        nn.ReLU(),
+        nn.Conv2d(c, c, 3),
+        nn.BatchNorm2d(c),
+        nn.ReLU(),
+        nn.Conv2d(c, c, 1),
+        nn.BatchNorm2d(c),
+    )
+
+
+def resnet50_like() -> nn.Module:
+    """ResNet-50's module structure (3-4-6-3 bottlenecks, stem, fc), with 4 channels everywhere."""
+    layers = {f"layer{i + 1}": nn.Sequential(*[_bottleneck(4) for _ in range(n)]) for i, n in enumerate((3, 4, 6, 3))}
+    return nn.Sequential(nn.ModuleDict({"conv1": nn.Conv2d(3, 4, 7), "bn1": nn.BatchNorm2d(4), **layers}), nn.Linear(4, 10))
+
+
+def test_small_model_gets_one_group_per_module_named_as_in_named_modules():
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    plan = plan_groups(param_modules(model), activation_modules(model), 300, 20, order=[n for n, _ in model.named_modules()])
+    assert plan.depth is None
+    assert [g.key for g in plan.groups] == ["0", "1", "2"]
+    assert plan.groups[1].param_modules == () and plan.groups[1].act_modules == ("1",)
+
+
+def test_resnet50_sized_model_fits_the_key_budget_by_blocks():
+    model = resnet50_like()
+    params, acts = param_modules(model), activation_modules(model)
+    assert len(params) > 90
+    plan = plan_groups(params, acts, 300, 20)
+    assert plan.keys <= 280 and plan.depth is not None
+    covered = [m for g in plan.groups for m in g.param_modules]
+    assert sorted(covered) == sorted(params)  # every module is in exactly one group
+    assert len({g.key for g in plan.groups}) == len(plan.groups)
+    # the finest grouping that fits is chosen: one level deeper would not fit
+    assert plan.to_json()["grouping"].startswith("prefix_depth_")
+
+
+def test_flat_model_with_too_many_blocks_is_grouped_in_ranges():
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(200)])
+    plan = plan_groups(param_modules(model), [], 300, 20)
+    assert plan.keys <= 280
+    assert plan.groups[0].key == "0..4" and plan.groups[0].param_modules == tuple(str(i) for i in range(5))
+    assert sum(len(g.param_modules) for g in plan.groups) == 200
+
+
+def test_key_segments_are_valid_mlflow_keys_and_unique():
+    assert key_segment("") == "_root"
+    assert key_segment("a[0]=b#c") == "a_0__b_c"
+    plan = plan_groups(["a[0]", "a_0_"], [], 300, 20)
+    assert [g.key for g in plan.groups] == ["a_0_", "a_0_-2"]
+
+
+def test_bind_maps_parameters_to_their_group():
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    model[2].bias.requires_grad_(False)
+    b = bind(plan_groups(param_modules(model), activation_modules(model), 300, 20, order=[n for n, _ in model.named_modules()]), model)
+    assert b.param_names == ("0.weight", "0.bias", "2.weight")
+    assert b.param_index == (0, 0, 1) and b.param_keys == ("0", "2")
+    assert b.act_keys == ("0", "1", "2") and b.act_modules[1] is model[1]
+
+
+def test_unknown_module_name_says_what_to_use():
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+    assert resolve_names(model, ["0"], "modules") == ["0"]
+    with pytest.raises(ValueError, match=r"`TrainWatch\(modules=...\)` names module 'O'.*named_modules"):
+        resolve_names(model, ["O"], "modules")
+
+
+def test_family_counts_are_the_documented_ones():
+    assert len(PARAM_FAMILIES) == 7 and len(ACT_FAMILIES) == 4

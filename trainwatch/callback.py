@@ -1,0 +1,398 @@
+"""TrainWatch: the Lightning callback. It decides *when* (hooks, cadence, rank zero, setup checks, resume state).
+
+No maths (that is `capture` and `probes`) and no MLflow calls (that is the sink, on its own thread).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import MLFlowLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from typing_extensions import override
+
+from trainwatch._version import __version__
+from trainwatch.capture import Capture
+from trainwatch.groups import GroupPlan, activation_modules, bind, param_modules, plan_groups, resolve_names
+from trainwatch.ops import ParamsOp, TagsOp
+from trainwatch.probes import dynamics
+from trainwatch.probes.cam_probe import CamProbe, balanced_probes
+from trainwatch.probes.probe_batch import check_forward, draw_inputs, first_loader
+from trainwatch.publish import Publisher, groups_artifact
+from trainwatch.record import Packer
+from trainwatch.sink import MlflowSink, MlflowWriter, Spool, create_run, end_run, open_client, start_system_metrics, tracking_uri_of
+
+ActivationSource = Literal["probe", "live", "off"]
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+RESERVED_KEYS = 20  # run-wide keys under train/ (losses, lr, timing) kept out of the per-group budget
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise ValueError(f"`TrainWatch({name}={value!r})` must be a positive integer (steps between logged steps).")
+
+
+class TrainWatch(pl.Callback):
+    """Capture gradients, updates, activations and training dynamics into MLflow while a model trains.
+
+    Args:
+        every_n_steps: log every n optimizer steps (at `global_step % n == 0`); default: the trainer's
+            `log_every_n_steps`.
+        activations: "probe" forwards a fixed probe batch in eval mode; "live" hooks the training forward
+            on logged steps; "off" skips activations.
+        activations_every_n_steps: cadence of activation snapshots; default `every_n_steps`.
+        probe_batch: inputs for the activation probe; default: the first `probe_samples` validation inputs
+            (or training inputs when there is no validation data).
+        modules: watch only these modules (names or name prefixes from `named_modules()`); default all.
+        max_metric_keys: budget of per-group metric keys; large models are grouped into blocks to fit.
+        tracking_uri, experiment_name, run_name: where trainwatch opens its own run when the trainer has no
+            `MLFlowLogger` (URI: argument, then MLFLOW_TRACKING_URI, then sqlite:///mlflow.db).
+        distance_from_init: keep a copy of the initial weights (1x parameter memory) for `weight_dist_init`.
+        system_metrics: start MLflow's system-metrics monitor (CPU, RAM, GPU) on the run.
+        spool_dir: where records wait on disk while MLflow is unreachable; default `.trainwatch/spool/<run>`.
+        cam_every_n_epochs, cam_every_n_steps: CAM snapshot cadence (off when both are None).
+        cam_methods: names from `trainwatch.cam.METHODS`; default ["grad_cam"].
+        cam_layer: `named_modules()` name of the CAM layer; default the last module with a spatial output.
+        cam_probes: probe inputs (a tensor, with `cam_targets`) or indices into the validation dataset;
+            default the first `cam_samples` validation samples, balanced over classes.
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        activations: ActivationSource = "probe",
+        activations_every_n_steps: int | None = None,
+        probe_batch: Tensor | None = None,
+        probe_samples: int = 64,
+        modules: list[str] | None = None,
+        max_metric_keys: int = 300,
+        tracking_uri: str | None = None,
+        experiment_name: str = "trainwatch",
+        run_name: str | None = None,
+        distance_from_init: bool = True,
+        system_metrics: bool = True,
+        system_metrics_interval_s: float = 10.0,
+        spool_dir: str | None = None,
+        queue_size: int = 1000,
+        cam_every_n_epochs: int | None = None,
+        cam_every_n_steps: int | None = None,
+        cam_methods: list[str] | None = None,
+        cam_layer: str | None = None,
+        cam_probes: Tensor | list[int] | None = None,
+        cam_targets: Tensor | None = None,
+        cam_samples: int = 8,
+    ) -> None:
+        _positive("every_n_steps", every_n_steps)
+        _positive("activations_every_n_steps", activations_every_n_steps)
+        _positive("probe_samples", probe_samples)
+        _positive("queue_size", queue_size)
+        _positive("cam_every_n_epochs", cam_every_n_epochs)
+        _positive("cam_every_n_steps", cam_every_n_steps)
+        _positive("cam_samples", cam_samples)
+        if isinstance(cam_probes, Tensor) and cam_targets is None:
+            raise ValueError("`TrainWatch(cam_probes=<tensor>)` needs `cam_targets=`: one true class index per probe.")
+        if activations not in ("probe", "live", "off"):
+            raise ValueError(f"`TrainWatch(activations={activations!r})` must be one of 'probe', 'live', 'off'.")
+        if probe_batch is not None and not isinstance(probe_batch, Tensor):
+            raise ValueError(f"`TrainWatch(probe_batch=...)` must be a tensor of model inputs, got {type(probe_batch).__name__}.")
+        min_keys = RESERVED_KEYS + 11
+        if not isinstance(max_metric_keys, int) or max_metric_keys < min_keys:
+            raise ValueError(f"`TrainWatch(max_metric_keys={max_metric_keys!r})` must be an integer >= {min_keys}.")
+        self.every_n_steps = every_n_steps
+        self.activations = activations
+        self.activations_every_n_steps = activations_every_n_steps
+        self.probe_batch = probe_batch
+        self.probe_samples = probe_samples
+        self.modules = modules
+        self.max_metric_keys = max_metric_keys
+        self.tracking_uri = tracking_uri
+        self.experiment_name = experiment_name
+        self.run_name = run_name
+        self.distance_from_init = distance_from_init
+        self.system_metrics = system_metrics
+        self.system_metrics_interval_s = system_metrics_interval_s
+        self.spool_dir = spool_dir
+        self.queue_size = queue_size
+        self.cam_every_n_epochs = cam_every_n_epochs
+        self.cam_every_n_steps = cam_every_n_steps
+        self.cam_methods = list(CamProbe.check_methods(cam_methods or ["grad_cam"]))
+        self.cam_layer = cam_layer
+        self.cam_probes = cam_probes
+        self.cam_targets = cam_targets
+        self.cam_samples = cam_samples
+        self._reset()
+
+    def _reset(self) -> None:
+        self.plan: GroupPlan | None = None
+        self.run_id: str | None = None
+        self.sink: MlflowSink | None = None
+        self._capture: Capture | None = None
+        self._own_run = False
+        self._client: Any = None
+        self._monitor: Any = None
+        self._probe_inputs: Tensor | None = None
+        self._packer: Packer | None = None
+        self._due_step: int | None = None
+        self._throughput = dynamics.Throughput()
+        self._status = "FINISHED"
+        self._cam: CamProbe | None = None
+
+    @property
+    def _cam_on(self) -> bool:
+        return self.cam_every_n_epochs is not None or self.cam_every_n_steps is not None
+
+    # --- cadence ----------------------------------------------------------------------------------------
+    def _n(self, trainer: pl.Trainer) -> int:
+        return self.every_n_steps or trainer.log_every_n_steps
+
+    def _due(self, trainer: pl.Trainer, step: int) -> bool:
+        return step % self._n(trainer) == 0
+
+    def _cam_due(self, step: int) -> bool:
+        return self._cam is not None and self.cam_every_n_steps is not None and step % self.cam_every_n_steps == 0
+
+    def _act_due(self, trainer: pl.Trainer, step: int) -> bool:
+        return self.activations != "off" and step % (self.activations_every_n_steps or self._n(trainer)) == 0
+
+    # --- setup and teardown -----------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._reset()
+        try:
+            self._setup_model(pl_module)
+            if self.probe_batch is not None:
+                check_forward(pl_module, self.probe_batch, "the `probe_batch` argument")
+            if self._cam_on and isinstance(self.cam_probes, Tensor):
+                assert self.cam_targets is not None
+                CamProbe.build(pl_module, self.cam_methods, self.cam_layer, self.cam_probes, self.cam_targets)
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from error
+        if trainer.is_global_zero:
+            self._open_run(trainer)
+
+    def _setup_model(self, model: pl.LightningModule) -> None:
+        params, acts = param_modules(model), activation_modules(model) if self.activations != "off" else []
+        if self.modules is not None:
+            wanted = resolve_names(model, self.modules, "modules")
+            keep = lambda n: any(n == w or n.startswith(w + ".") for w in wanted)
+            params, acts = [n for n in params if keep(n)], [n for n in acts if keep(n)]
+        if not params and not acts:
+            raise ValueError("`TrainWatch` found nothing to watch: the model has no trainable parameters in the selected `modules`.")
+        self.plan = plan_groups(params, acts, self.max_metric_keys, RESERVED_KEYS, order=[n for n, _ in model.named_modules()])
+
+    def _open_run(self, trainer: pl.Trainer) -> None:
+        logger = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
+        try:
+            if logger is not None:
+                self._client, self.run_id = logger.experiment, logger.run_id
+                uri = tracking_uri_of(self._client)
+                open_client(uri)  # the same reachability check as for our own run
+            else:
+                uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+                self._client = open_client(uri)
+                self.run_id = create_run(self._client, self.experiment_name, self.run_name)
+                self._own_run = True
+        except Exception as error:
+            raise MisconfigurationException(str(error)) from error
+        spool = Spool(Path(self.spool_dir or Path(".trainwatch") / "spool") / self.run_id)
+        spool.write_meta(uri, self.run_id)
+        assert self.plan is not None
+        b = bind(self.plan, trainer.lightning_module)
+        publisher = Publisher(list(b.param_names), list(b.act_names))
+        self.sink = MlflowSink(MlflowWriter(self._client, self.run_id), spool, publisher, self.queue_size, describe=f"MLflow at {uri}")
+        self.sink.start()
+        self.sink.submit(TagsOp((("trainwatch.version", __version__),)))
+        self.sink.submit(ParamsOp(tuple((f"trainwatch.{k}", str(v)) for k, v in self._params(trainer).items())))
+        self.sink.submit(groups_artifact(self.plan.to_json()))
+        if self.system_metrics:
+            self._monitor = start_system_metrics(self.run_id, uri, self.system_metrics_interval_s)
+
+    def _params(self, trainer: pl.Trainer) -> dict[str, Any]:
+        return {
+            "every_n_steps": self._n(trainer),
+            "activations": self.activations,
+            "activations_every_n_steps": self.activations_every_n_steps or self._n(trainer),
+            "max_metric_keys": self.max_metric_keys,
+            "grouping": self.plan.to_json()["grouping"] if self.plan else None,
+        }
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        assert self.plan is not None
+        self._capture = Capture(bind(self.plan, pl_module), pl_module.device, self.distance_from_init)
+        if self.activations == "probe":
+            try:
+                if self._probe_inputs is None:  # not restored from a checkpoint
+                    sources = [
+                        ("validation data", first_loader(trainer.val_dataloaders)),
+                        ("training data", first_loader(trainer.train_dataloader)),
+                    ]
+                    source, inputs = (
+                        ("`probe_batch`", self.probe_batch) if self.probe_batch is not None else draw_inputs(sources, self.probe_samples)
+                    )
+                    check_forward(pl_module, inputs.to(pl_module.device), source)
+                    self._probe_inputs = inputs
+            except ValueError as error:
+                raise MisconfigurationException(str(error)) from error
+            self._probe_inputs = self._probe_inputs.to(pl_module.device)
+        if self._cam_on and trainer.is_global_zero:
+            try:
+                self._cam = self._build_cam(trainer, pl_module).to(pl_module.device)
+            except ValueError as error:
+                raise MisconfigurationException(str(error)) from error
+            self._start_cam(trainer, pl_module)
+        self._throughput = dynamics.Throughput()
+
+    def _build_cam(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CamProbe:
+        """The CAM probe set, fixed for the run and validated by one dry snapshot."""
+        if isinstance(self.cam_probes, Tensor):
+            assert self.cam_targets is not None
+            inputs, targets = self.cam_probes, self.cam_targets
+        else:
+            loader = first_loader(trainer.val_dataloaders) or first_loader(trainer.train_dataloader)
+            if self.cam_probes is not None:
+                dataset = loader.dataset  # type: ignore[union-attr]
+                pairs = [dataset[i] for i in self.cam_probes]
+                inputs, targets = torch.stack([p[0] for p in pairs]), torch.tensor([int(p[1]) for p in pairs])
+            else:
+                inputs, targets = balanced_probes(loader or [], self.cam_samples)
+        return CamProbe.build(pl_module, self.cam_methods, self.cam_layer, inputs.to(pl_module.device), targets.to(pl_module.device))
+
+    def _start_cam(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Ship the probe set once; in epoch mode, also the snapshot of the untrained model at step 0."""
+        assert self._cam is not None and self.sink is not None
+        packer = Packer(trainer.global_step)
+        packer.array("cam_inputs", self._cam.inputs)
+        packer.array("cam_targets", self._cam.targets)
+        if self.cam_every_n_epochs is not None and trainer.global_step == 0:
+            self._cam.snapshot(pl_module, packer)
+        self.sink.submit(packer.ship())
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._cam is None or self.sink is None or self.cam_every_n_epochs is None:
+            return
+        if (trainer.current_epoch + 1) % self.cam_every_n_epochs == 0:
+            packer = Packer(trainer.global_step)
+            self._cam.snapshot(pl_module, packer)
+            self.sink.submit(packer.ship())
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._status = "KILLED" if isinstance(exception, KeyboardInterrupt) else "FAILED"
+        self._finish()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._finish()
+
+    def _finish(self) -> None:
+        """Remove hooks, deliver everything (or leave it spooled), close our own run. Idempotent."""
+        if self._capture is not None:
+            self._capture.activations.disarm()
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
+        if self.sink is not None:
+            self.sink.close()
+            if self._own_run:
+                if len(self.sink.spool):  # `trainwatch sync` ends the run once the spool is delivered
+                    self.sink.spool.write_meta(tracking_uri_of(self._client), self.run_id, self._status)
+                else:
+                    end_run(self._client, self.run_id, self._status)
+            self.sink = None
+
+    # --- training hooks ---------------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._throughput.add_samples(dynamics.batch_size(batch))
+        first_micro_batch = batch_idx % trainer.accumulate_grad_batches == 0
+        if self.activations == "live" and first_micro_batch and self._act_due(trainer, trainer.global_step):
+            assert self._capture is not None
+            self._capture.activations.arm()
+
+    @override
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if self._capture is not None:
+            self._capture.activations.disarm()  # live hooks see the forward only, not checkpoint recomputes
+
+    @override
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        step = trainer.global_step
+        if self._due_step == step or not (self._due(trainer, step) or self._act_due(trainer, step) or self._cam_due(step)):
+            return
+        self._due_step = step
+        if trainer.is_global_zero:
+            assert self._capture is not None
+            self._packer = Packer(step)
+            if self._due(trainer, step):
+                self._capture.gradients(self._packer)
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = self._due_step
+        if step is None or trainer.global_step <= step:
+            return  # no logged optimizer step has completed since the last record
+        self._due_step = None
+        capture, packer = self._capture, self._packer
+        assert capture is not None
+        if packer is not None:
+            capture.updates(packer)
+        if self._act_due(trainer, step):
+            reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")
+            if self.activations == "probe":
+                capture.probe_activations(pl_module, self._probe_inputs, reduce, packer)
+            else:
+                capture.pack_activations(reduce(capture.activations.collect(pl_module.device)), packer)
+        if self._cam_due(step) and packer is not None:
+            assert self._cam is not None
+            self._cam.snapshot(pl_module, packer)
+        if packer is None or self.sink is None:
+            return
+        self._packer = None
+        if self._due(trainer, step):
+            self._dynamics(trainer, pl_module, packer)
+        self.sink.submit(packer.ship())
+
+    def _dynamics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, packer: Packer) -> None:
+        packer.host_metrics.update(dynamics.learning_rates(trainer.optimizers))
+        packer.host_metrics.update(self._throughput.lap(trainer.global_step))
+        peak = dynamics.peak_memory_mb(pl_module.device)
+        if peak is not None:
+            packer.host_metrics["train/peak_memory_mb"] = peak
+        if self._own_run:  # with an MLFlowLogger, Lightning already logs the module's metrics to this run
+            for name, value in trainer.callback_metrics.items():
+                if isinstance(value, Tensor) and value.numel() == 1:
+                    packer.metric(name, value)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not (self._own_run and self.sink is not None and not trainer.sanity_checking):
+            return
+        packer = Packer(trainer.global_step)
+        for name, value in trainer.callback_metrics.items():
+            if isinstance(value, Tensor) and value.numel() == 1:
+                packer.metric(name, value)
+        self.sink.submit(packer.ship())
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.sink is not None:
+            self.sink.flush()
+
+    # --- resume -----------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"probe_inputs": None if self._probe_inputs is None else self._probe_inputs.detach().cpu()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._probe_inputs = state_dict.get("probe_inputs")

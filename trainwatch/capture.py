@@ -1,0 +1,101 @@
+"""What is measured at a logged step, given a bound model: gradients, weights and updates, activations.
+
+Framework-free glue between the probes and a Packer: the Lightning callback decides *when*, this decides
+*what*. Everything stays on the device; nothing here synchronises with the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from trainwatch.groups import Binding
+from trainwatch.probes import gradients as G
+from trainwatch.probes._scope import untouched
+from trainwatch.probes.activations import ActivationProbe, pool_summaries, saturation_kind
+from trainwatch.record import Packer
+
+
+class Capture:
+    """Per-run tensors (group indices, init snapshot) and the measurements of one logged step."""
+
+    def __init__(self, binding: Binding, device: torch.device, distance_from_init: bool) -> None:
+        self.b = binding
+        self.device = device
+        self.param_index = torch.tensor(binding.param_index, device=device, dtype=torch.long)
+        self.numel = G.numels(binding.params) if binding.params else None
+        self.act_index = torch.tensor(binding.act_index, device=device, dtype=torch.long)
+        self.activations = ActivationProbe(list(zip(binding.act_names, binding.act_modules, strict=True)))
+        # act_saturated_frac is only meaningful (and only logged) for groups holding a tanh or sigmoid.
+        saturating = sorted({g for g, m in zip(binding.act_index, binding.act_modules, strict=True) if saturation_kind(m)})
+        self._sat_groups = torch.tensor(saturating, device=device, dtype=torch.long)
+        self._sat_keys = [binding.act_keys[g] for g in saturating]
+        self._init = G.snapshot(binding.params) if distance_from_init and binding.params else None
+        self._before: list[Tensor] | None = None
+        self._weight_norms: Tensor | None = None
+        self._grad: G.TensorStats | None = None
+
+    @property
+    def n_param_groups(self) -> int:
+        return len(self.b.param_keys)
+
+    def gradients(self, packer: Packer) -> None:
+        """Gradient statistics now (accumulated, unscaled, reduced, not yet clipped), and the weights
+        before the optimizer step, for the update ratio."""
+        if not self.b.params:
+            return
+        stats = G.grad_stats(self.b.params, self.numel)
+        self._grad = stats
+        grouped = G.group_grad_stats(stats, self.param_index, self.n_param_groups)
+        keys = self.b.param_keys
+        packer.metrics("grad_norm", keys, grouped.norm)
+        packer.metrics("grad_max", keys, grouped.max_abs)
+        packer.metrics("grad_nonfinite", keys, grouped.nonfinite)
+        packer.metrics("grad_zero_frac", keys, grouped.zero_frac)
+        packer.metric("train/grad_norm_total", G.total_norm(stats))
+        packer.metric("train/grad_nonfinite_total", stats.nonfinite.sum())
+        self._weight_norms = torch.stack(torch._foreach_norm([p.detach() for p in self.b.params], 2, dtype=torch.float32))
+        self._before = G.snapshot(self.b.params)
+
+    def updates(self, packer: Packer) -> None:
+        """After the optimizer step: weight norms, ‖Δw‖/‖w‖ of the step actually taken, distance from init."""
+        if self._before is None or self._weight_norms is None or self._grad is None:
+            return
+        update = G.update_norms(self.b.params, self._before)
+        self._before = None
+        n, keys = self.n_param_groups, self.b.param_keys
+        weight = G.pooled_norm(self._weight_norms, self.param_index, n)
+        packer.metrics("weight_norm", keys, weight)
+        packer.metrics("update_ratio", keys, G.pooled_norm(update, self.param_index, n) / weight.clamp_min(1e-12))
+        if self._init is not None:
+            packer.metrics("weight_dist_init", keys, G.pooled_norm(G.distance_norms(self.b.params, self._init), self.param_index, n))
+        g = self._grad
+        zero_frac = g.zeros / g.numel.clamp_min(1)
+        table = torch.stack([g.sq_norm.sqrt(), g.max_abs, g.nonfinite, zero_frac, self._weight_norms, update, g.numel], dim=1)
+        packer.array("param_stats", table)
+        self._grad = None
+
+    def probe_activations(self, model: nn.Module, inputs: object, reduce: Callable[[Tensor], Tensor], packer: Packer | None) -> None:
+        """Forward the fixed probe batch in eval mode, leaving the model untouched; summaries are summed
+        over ranks with `reduce` (a collective every rank must call)."""
+        with untouched(model):
+            self.activations.arm()
+            try:
+                model(inputs)
+            finally:
+                self.activations.disarm()
+        self.pack_activations(reduce(self.activations.collect(self.device)), packer)
+
+    def pack_activations(self, summaries: Tensor, packer: Packer | None) -> None:
+        if packer is None or not self.b.act_names:
+            return
+        pooled = pool_summaries(summaries, self.act_index, len(self.b.act_keys))
+        for family, values in pooled.items():
+            if family == "act_saturated_frac":
+                if self._sat_keys:
+                    packer.metrics(family, self._sat_keys, values[self._sat_groups])
+            else:
+                packer.metrics(family, self.b.act_keys, values)
+        packer.array("activations", summaries)

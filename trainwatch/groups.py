@@ -1,0 +1,211 @@
+"""The metric-key contract: which modules form which group, under the metric-key budget.
+
+Owns `<family>/<group>` naming and `groups.json`; it never computes statistics or talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+PARAM_FAMILIES = ("grad_norm", "grad_max", "grad_nonfinite", "grad_zero_frac", "weight_norm", "update_ratio", "weight_dist_init")
+ACT_FAMILIES = ("act_mean", "act_std", "act_zero_frac", "act_saturated_frac")
+ROOT_GROUP = "_root"
+
+# MLflow accepts alphanumerics, `_ - . space : /` in metric keys; we keep `/` for the family separator only.
+_INVALID = re.compile(r"[^A-Za-z0-9_\-. :]")
+_SKIPPED_LEAVES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten)
+
+
+@dataclass(frozen=True)
+class Group:
+    """One metric-key group: its key segment and the module names it pools."""
+
+    key: str
+    param_modules: tuple[str, ...] = ()
+    act_modules: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """All groups of a model, and how they were chosen."""
+
+    groups: tuple[Group, ...]
+    depth: int | None  # None: one group per module; otherwise the name-prefix depth (ranges may pool siblings)
+    budget: int
+    keys: int = field(default=0)
+
+    def to_json(self) -> dict:
+        return {
+            "version": 1,
+            "grouping": "module" if self.depth is None else f"prefix_depth_{self.depth}",
+            "max_metric_keys": self.budget,
+            "metric_keys": self.keys,
+            "param_families": list(PARAM_FAMILIES),
+            "activation_families": list(ACT_FAMILIES),
+            "groups": [
+                {"key": g.key, "param_modules": list(g.param_modules), "activation_modules": list(g.act_modules)} for g in self.groups
+            ],
+        }
+
+
+def key_segment(module_name: str) -> str:
+    """A module name as a metric-key segment: the root module is `_root`; characters MLflow rejects become `_`."""
+    return ROOT_GROUP if module_name == "" else _INVALID.sub("_", module_name)
+
+
+def param_modules(model: nn.Module) -> list[str]:
+    """Names of modules that own trainable parameters directly, in `named_modules()` order."""
+    return [name for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+
+
+def activation_modules(model: nn.Module) -> list[str]:
+    """Default modules whose outputs are watched: leaves, minus dropout, identity and reshapes."""
+    return [name for name, m in model.named_modules() if name and not any(m.children()) and not isinstance(m, _SKIPPED_LEAVES)]
+
+
+def resolve_names(model: nn.Module, requested: Iterable[str], argument: str) -> list[str]:
+    """Check user-given module names (exact names or prefixes) against `named_modules()`.
+
+    Raises ValueError naming the unknown entry, the closest valid names and the argument to fix.
+    """
+    names = [n for n, _ in model.named_modules()]
+    for want in requested:
+        if want in names or any(n.startswith(want + ".") for n in names):
+            continue
+        close = difflib.get_close_matches(want, names, n=3) or names[1:6]
+        raise ValueError(
+            f"`TrainWatch({argument}=...)` names module {want!r}, which is not in `model.named_modules()`. "
+            f"Closest names: {close}. Use a name (or name prefix) printed by `[n for n, _ in model.named_modules()]`."
+        )
+    return list(requested)
+
+
+def _prefix(name: str, depth: int) -> str:
+    return ".".join(name.split(".")[:depth]) if name else ""
+
+
+def _count_keys(groups: Sequence[Group]) -> int:
+    return sum(len(PARAM_FAMILIES) * bool(g.param_modules) + len(ACT_FAMILIES) * bool(g.act_modules) for g in groups)
+
+
+def _group_by(keys_of: dict[str, str], params: Sequence[str], acts: Sequence[str]) -> list[Group]:
+    order: dict[str, tuple[list[str], list[str]]] = {}
+    for name in keys_of:
+        order.setdefault(keys_of[name], ([], []))
+    for name in params:
+        order[keys_of[name]][0].append(name)
+    for name in acts:
+        order[keys_of[name]][1].append(name)
+    return [Group(k, tuple(p), tuple(a)) for k, (p, a) in order.items()]
+
+
+def _keys_for(label_of: dict[str, str]) -> dict[str, str]:
+    """Map each module to the key of its label (module name, prefix or range); labels that sanitise to the
+    same key get `-2`, `-3`, ... so two groups never share a key."""
+    key_of_label: dict[str, str] = {}
+    used: set[str] = set()
+    for label in dict.fromkeys(label_of.values()):
+        key, n = key_segment(label), 1
+        while key in used:
+            n += 1
+            key = f"{key_segment(label)}-{n}"
+        used.add(key)
+        key_of_label[label] = key
+    return {name: key_of_label[label] for name, label in label_of.items()}
+
+
+def plan_groups(params: Sequence[str], acts: Sequence[str], budget: int, reserved: int = 0, order: Sequence[str] = ()) -> GroupPlan:
+    """The finest grouping whose keys fit `budget - reserved`: one group per module, else blocks by name
+    prefix, refined by ranges of consecutive sibling blocks where that gives more groups. Groups follow `order`
+    (the model's `named_modules()`)."""
+    room = budget - reserved
+    rank = {name: i for i, name in enumerate(order)}
+    names = sorted(dict.fromkeys([*params, *acts]), key=lambda n: rank.get(n, len(rank)))
+    per_module = _group_by(_keys_for({n: n for n in names}), params, acts)
+    if _count_keys(per_module) <= room:
+        return GroupPlan(tuple(per_module), None, budget, _count_keys(per_module))
+    max_depth = max((n.count(".") + 1 for n in names if n), default=1)
+    best: GroupPlan | None = None
+    for depth in range(max_depth - 1, 0, -1):
+        groups = _group_by(_keys_for({n: _prefix(n, depth) for n in names}), params, acts)
+        if _count_keys(groups) <= room:
+            best = GroupPlan(tuple(groups), depth, budget, _count_keys(groups))
+            break
+    # Blocks one level finer than `best` did not fit; ranges of them may still beat `best`
+    # (e.g. 60 residual blocks: 20 ranges of 3 rather than one group for all of them).
+    finer = _range_plan(names, params, acts, budget, room, (best.depth if best else 0) + 1)
+    if finer is not None and (best is None or len(finer.groups) > len(best.groups)):
+        return finer
+    if best is None:
+        raise ValueError(
+            f"`TrainWatch(max_metric_keys={budget})` leaves room for {room} per-group keys, too few for one group; "
+            f"use at least {budget - room + len(PARAM_FAMILIES) + len(ACT_FAMILIES)}."
+        )
+    return best
+
+
+def _range_plan(names: list[str], params: Sequence[str], acts: Sequence[str], budget: int, room: int, depth: int) -> GroupPlan | None:
+    """Pool runs of consecutive sibling blocks at `depth` into ranges `first..last`, with the smallest run
+    length that fits the budget; None if even one range per parent does not fit."""
+    blocks = list(dict.fromkeys(_prefix(n, depth) for n in names))
+    for size in range(2, len(blocks) + 1):
+        range_of: dict[str, str] = {}
+        run: list[str] = []
+        for block in [*blocks, None]:
+            if run and (block is None or len(run) == size or _prefix(block, depth - 1) != _prefix(run[0], depth - 1)):
+                label = run[0] if len(run) == 1 else f"{run[0]}..{run[-1].rsplit('.', 1)[-1]}"
+                range_of.update({b: label for b in run})
+                run = []
+            if block is not None:
+                run.append(block)
+        groups = _group_by(_keys_for({n: range_of[_prefix(n, depth)] for n in names}), params, acts)
+        if _count_keys(groups) <= room:
+            return GroupPlan(tuple(groups), depth, budget, _count_keys(groups))
+    return None
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A plan applied to a model: the tensors to read and, for each, the index of its group.
+
+    `param_keys[g]` is the key of the g-th group that owns parameters; `param_index[i]` the group of
+    `params[i]`. Likewise for watched activation modules.
+    """
+
+    param_names: tuple[str, ...]
+    params: tuple[nn.Parameter, ...]
+    param_index: tuple[int, ...]
+    param_keys: tuple[str, ...]
+    act_names: tuple[str, ...]
+    act_modules: tuple[nn.Module, ...]
+    act_index: tuple[int, ...]
+    act_keys: tuple[str, ...]
+
+
+def bind(plan: GroupPlan, model: nn.Module) -> Binding:
+    modules = dict(model.named_modules())
+    param_groups = [g for g in plan.groups if g.param_modules]
+    act_groups = [g for g in plan.groups if g.act_modules]
+    p_names, params, p_index = [], [], []
+    for gi, group in enumerate(param_groups):
+        for module_name in group.param_modules:
+            for pname, p in modules[module_name].named_parameters(recurse=False):
+                if p.requires_grad:
+                    p_names.append(f"{module_name}.{pname}" if module_name else pname)
+                    params.append(p)
+                    p_index.append(gi)
+    a_names, a_modules, a_index = [], [], []
+    for gi, group in enumerate(act_groups):
+        for module_name in group.act_modules:
+            a_names.append(module_name)
+            a_modules.append(modules[module_name])
+            a_index.append(gi)
+    return Binding(
+        tuple(p_names), tuple(params), tuple(p_index), tuple(g.key for g in param_groups),
+        tuple(a_names), tuple(a_modules), tuple(a_index), tuple(g.key for g in act_groups),
+    )  # fmt: skip

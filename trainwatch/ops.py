@@ -1,0 +1,87 @@
+"""Operations the sink delivers to MLflow: plain data, serialisable to the disk spool and back.
+
+No tensors and no MLflow objects here, so an op can wait on disk for a server that is down.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_METRICS_PER_BATCH = 1000  # MLflow's own limit for one log_batch call
+
+
+@dataclass(frozen=True)
+class MetricsOp:
+    """(key, value, timestamp_ms, step) tuples; timestamps are fixed at capture so a replay is idempotent."""
+
+    values: tuple[tuple[str, float, int, int], ...]
+
+
+@dataclass(frozen=True)
+class ArtifactOp:
+    """A file at `path` (relative to the run's artifact root); a later op for the same path replaces it."""
+
+    path: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ImageOp:
+    """An image at a step, shown by the MLflow UI with a step slider."""
+
+    key: str
+    step: int
+    timestamp_ms: int
+    image: np.ndarray  # uint8 [H, W, 3]
+
+
+@dataclass(frozen=True)
+class TagsOp:
+    tags: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class ParamsOp:
+    params: tuple[tuple[str, str], ...]
+
+
+Op = MetricsOp | ArtifactOp | ImageOp | TagsOp | ParamsOp
+
+
+def batched(ops: list[Op]) -> list[Op]:
+    """Merge runs of MetricsOp into batches of at most MAX_METRICS_PER_BATCH values, keeping order."""
+    out: list[Op] = []
+    pending: list[tuple[str, float, int, int]] = []
+
+    def close() -> None:
+        for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
+            out.append(MetricsOp(tuple(pending[i : i + MAX_METRICS_PER_BATCH])))
+        pending.clear()
+
+    for op in ops:
+        if isinstance(op, MetricsOp):
+            pending.extend(op.values)
+        else:
+            close()
+            out.append(op)
+    close()
+    return out
+
+
+def npz_bytes(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def npy_load(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)

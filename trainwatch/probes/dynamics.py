@@ -1,0 +1,70 @@
+"""Training dynamics that need no extra device work: learning rates, step time, throughput, device memory.
+
+Host-side bookkeeping only (Python floats the optimizer and the allocator already hold); no host sync.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def learning_rates(optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, float]:
+    """`train/lr/opt<i>_group<j>` for every optimizer and parameter group (a tensor lr is read without sync
+    only if it lives on the CPU; a device lr is skipped)."""
+    out: dict[str, float] = {}
+    for i, optimizer in enumerate(optimizers):
+        for j, group in enumerate(optimizer.param_groups):
+            lr = group.get("lr")
+            if isinstance(lr, Tensor):
+                if lr.device.type != "cpu":
+                    continue
+                lr = lr.item()
+            if lr is not None:
+                out[f"train/lr/opt{i}_group{j}"] = float(lr)
+    return out
+
+
+def batch_size(batch: object) -> int:
+    """Samples in a batch: the leading size of its first tensor (0 if it holds none)."""
+    if isinstance(batch, Tensor):
+        return batch.shape[0] if batch.dim() else 1
+    if isinstance(batch, dict):
+        batch = list(batch.values())
+    if isinstance(batch, (list, tuple)):
+        for item in batch:
+            n = batch_size(item)
+            if n:
+                return n
+    return 0
+
+
+def peak_memory_mb(device: torch.device) -> float | None:
+    """Peak memory the caching allocator has handed out since the start (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+class Throughput:
+    """Wall time and samples between logged steps: ms per optimizer step and samples per second."""
+
+    def __init__(self) -> None:
+        self._t0 = time.perf_counter()
+        self._step0 = 0
+        self._samples = 0
+
+    def add_samples(self, n: int) -> None:
+        self._samples += n
+
+    def lap(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed, steps = now - self._t0, step - self._step0
+        out = {"train/samples_per_s": self._samples / elapsed} if elapsed > 0 and self._samples else {}
+        if steps > 0:
+            out["train/step_ms"] = 1000 * elapsed / steps
+        self._t0, self._step0, self._samples = now, step, 0
+        return out

@@ -1,0 +1,154 @@
+"""Per-parameter gradient, weight and update statistics, reduced per group on the device.
+
+Pure tensor functions: fused `torch._foreach_*` reductions, no `.item()`, no host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# Temporary buffers (the non-finite mask, the distance from initialisation) are built in chunks of at most
+# this many elements, so a logged step never allocates a second copy of a large model at once.
+CHUNK_NUMEL = 1 << 24
+
+
+class TensorStats(NamedTuple):
+    """Per-tensor statistics, each a float32 vector with one entry per input tensor."""
+
+    sq_norm: Tensor  # squared L2 norm
+    max_abs: Tensor  # max |x| (NaN if the tensor holds a NaN)
+    nonfinite: Tensor  # count of NaN and ±Inf entries
+    zeros: Tensor  # count of exact zeros
+    numel: Tensor  # number of entries
+
+
+class GroupGradStats(NamedTuple):
+    """Gradient statistics per group, each a vector of length `num_groups`."""
+
+    norm: Tensor
+    max_abs: Tensor
+    nonfinite: Tensor
+    zero_frac: Tensor
+
+
+def _chunks(tensors: Sequence[Tensor], max_numel: int = CHUNK_NUMEL) -> Iterator[list[Tensor]]:
+    chunk: list[Tensor] = []
+    size = 0
+    for t in tensors:
+        if chunk and size + t.numel() > max_numel:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(t)
+        size += t.numel()
+    if chunk:
+        yield chunk
+
+
+def _stack_norms(tensors: Sequence[Tensor], ord: float) -> Tensor:
+    return torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
+
+
+def count_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
+    """Number of NaN/Inf entries of each tensor: x·0 is 0 where x is finite and NaN elsewhere, and the
+    L0 "norm" counts the entries that are not zero."""
+    counts = []
+    for chunk in _chunks(tensors):
+        counts.extend(torch._foreach_norm(torch._foreach_mul(chunk, 0.0), 0, dtype=torch.float32))
+    return torch.stack(counts)
+
+
+def numels(tensors: Sequence[Tensor]) -> Tensor:
+    """Element counts as a float32 vector on the tensors' device. Build it once per run: creating it from a
+    Python list is a host→device copy, which would synchronise on CUDA."""
+    return torch.tensor([float(t.numel()) for t in tensors]).to(tensors[0].device)
+
+
+def tensor_stats(tensors: Sequence[Tensor], numel: Tensor | None = None) -> TensorStats:
+    """Norm, max |x|, non-finite and zero counts of every tensor, with a handful of fused kernels.
+
+    `numel` (from `numels`) may describe larger tensors than given: a 1-element zero stand-in for a missing
+    gradient then counts as `numel` zeros.
+    """
+    if not tensors:
+        raise ValueError("tensor_stats needs at least one tensor, got an empty sequence")
+    norms = _stack_norms(tensors, 2.0)
+    numel = numels(tensors) if numel is None else numel
+    nonzero = _stack_norms(tensors, 0.0)  # counts NaN as non-zero, so zeros are exact zeros only
+    return TensorStats(
+        sq_norm=norms.square(),
+        max_abs=_stack_norms(tensors, float("inf")),
+        nonfinite=count_nonfinite(tensors),
+        zeros=numel - nonzero,
+        numel=numel,
+    )
+
+
+def group_sum(values: Tensor, group_index: Tensor, num_groups: int) -> Tensor:
+    """Sum of `values` per group; `group_index[i]` is the group of `values[i]`."""
+    return torch.zeros(num_groups, dtype=values.dtype, device=values.device).index_add_(0, group_index, values)
+
+
+def group_max(values: Tensor, group_index: Tensor, num_groups: int) -> Tensor:
+    """Max of `values` per group (NaN propagates, so a group holding a NaN reports NaN)."""
+    out = torch.zeros(num_groups, dtype=values.dtype, device=values.device)
+    out = out.scatter_reduce(0, group_index, values, "amax", include_self=False)
+    has_nan = group_sum(values.isnan().to(values.dtype), group_index, num_groups) > 0
+    return torch.where(has_nan, torch.nan, out)
+
+
+def group_grad_stats(stats: TensorStats, group_index: Tensor, num_groups: int) -> GroupGradStats:
+    """Pool per-parameter gradient statistics into groups: the group norm is the L2 norm of the
+    concatenation of its parameters' gradients."""
+    zeros = group_sum(stats.zeros, group_index, num_groups)
+    numel = group_sum(stats.numel, group_index, num_groups)
+    return GroupGradStats(
+        norm=group_sum(stats.sq_norm, group_index, num_groups).sqrt(),
+        max_abs=group_max(stats.max_abs, group_index, num_groups),
+        nonfinite=group_sum(stats.nonfinite, group_index, num_groups),
+        zero_frac=zeros / numel.clamp_min(1.0),
+    )
+
+
+def total_norm(stats: TensorStats) -> Tensor:
+    """L2 norm of all tensors as if they were concatenated into a single vector."""
+    return stats.sq_norm.sum().sqrt()
+
+
+def snapshot(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Detached copies, for the weights before an optimizer step or at initialisation."""
+    return [t.detach().clone() for t in tensors]
+
+
+def update_norms(params: Sequence[Tensor], before: list[Tensor]) -> Tensor:
+    """Per-parameter ‖w_after − w_before‖ of an optimizer step; consumes `before` (overwritten in place)."""
+    torch._foreach_sub_(before, [p.detach() for p in params])
+    return _stack_norms(before, 2.0)
+
+
+def distance_norms(params: Sequence[Tensor], reference: Sequence[Tensor]) -> Tensor:
+    """Per-parameter ‖w − w_ref‖, with temporaries bounded by CHUNK_NUMEL elements."""
+    pairs = list(zip(params, reference, strict=True))
+    out: list[Tensor] = []
+    start = 0
+    for chunk in _chunks([p for p, _ in pairs]):
+        refs = [r for _, r in pairs[start : start + len(chunk)]]
+        out.extend(torch._foreach_norm(torch._foreach_sub([p.detach() for p in chunk], refs), 2, dtype=torch.float32))
+        start += len(chunk)
+    return torch.stack(out)
+
+
+def pooled_norm(per_tensor_norms: Tensor, group_index: Tensor, num_groups: int) -> Tensor:
+    """Group L2 norm from per-tensor L2 norms."""
+    return group_sum(per_tensor_norms.square(), group_index, num_groups).sqrt()
+
+
+def grad_stats(params: Sequence[Tensor], numel: Tensor | None = None) -> TensorStats:
+    """`tensor_stats` of every parameter's `.grad`; a parameter without a gradient counts as all zeros
+    (through a 1-element zero stand-in, so no index has to be built on the host)."""
+    numel = numels(params) if numel is None else numel
+    stand_in = numel.new_zeros(1)
+    return tensor_stats([p.grad if p.grad is not None else stand_in for p in params], numel)

@@ -1,0 +1,147 @@
+"""Turn Records into MLflow operations on the sink's thread: metrics, per-parameter tables, histogram parts,
+and the rendered histogram-evolution image.
+
+It accumulates arrays between flushes; it never touches tensors (records arrive as host numbers) nor MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from trainwatch.ops import ArtifactOp, ImageOp, MetricsOp, Op, npz_bytes
+from trainwatch.probes.activations import STAT_COLUMNS, histogram_labels
+from trainwatch.record import PendingRecord, Record
+from trainwatch.sink import is_flush
+
+PARAM_COLUMNS = ("grad_norm", "grad_max", "grad_nonfinite", "grad_zero_frac", "weight_norm", "update_norm", "numel")
+ARTIFACT_ROOT = "trainwatch"
+HISTOGRAM_IMAGE_KEY = "trainwatch/activation_histograms"
+CAM_IMAGE_KEY = "trainwatch/cam"
+
+
+@dataclass
+class _Table:
+    """Rows of one array family, one row per logged step, written as numbered npz parts."""
+
+    name: str
+    rows_per_part: int
+    part: int = 0
+    steps: list[int] = field(default_factory=list)
+    rows: list[np.ndarray] = field(default_factory=list)
+
+    def add(self, step: int, row: np.ndarray) -> bool:
+        self.steps.append(step)
+        self.rows.append(row)
+        return len(self.rows) >= self.rows_per_part
+
+    def take(self, **columns: np.ndarray) -> ArtifactOp | None:
+        if not self.rows:
+            return None
+        data = npz_bytes(step=np.asarray(self.steps, dtype=np.int64), values=np.stack(self.rows), **columns)
+        return ArtifactOp(f"{ARTIFACT_ROOT}/{self.name}/part-{self.part:05d}.npz", data)
+
+    def next_part(self) -> None:
+        self.part += 1
+        self.steps, self.rows = [], []
+
+
+class Publisher:
+    """Callable for `MlflowSink(publish=...)`: PendingRecord / Record / Op / flush marker → list of ops."""
+
+    def __init__(self, param_names: list[str], act_names: list[str], rows_per_part: int = 200, render_every: int = 10) -> None:
+        self.param_names, self.act_names = param_names, act_names
+        self.params = _Table("stats/params", rows_per_part)
+        self.acts = _Table("histograms/activations", rows_per_part)
+        self.render_every = render_every
+        self._act_records = 0
+        self._rendered_at = 0  # activation records covered by the last image
+        self._history_steps: list[int] = []
+        self._history: list[np.ndarray] = []  # histogram counts per activation record, for the evolution image
+        self._cam_inputs: np.ndarray | None = None
+        self._cam_targets: np.ndarray | None = None
+        self._cam_history: dict[str, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
+
+    def __call__(self, item: object) -> list[Op]:
+        if is_flush(item):
+            return self._flush()
+        if isinstance(item, PendingRecord):
+            item = item.resolve()
+        if not isinstance(item, Record):
+            return [item]  # already an op
+        return self._record_ops(item)
+
+    def _record_ops(self, record: Record) -> list[Op]:
+        ops: list[Op] = []
+        if record.metrics:
+            ops.append(MetricsOp(tuple((k, v, record.timestamp_ms, record.step) for k, v in sorted(record.metrics.items()))))
+        if "param_stats" in record.arrays and self.params.add(record.step, record.arrays["param_stats"]):
+            ops += self._emit(self.params, full=True)
+        if "activations" in record.arrays:
+            ops += self._activation_ops(record)
+        if "cam_inputs" in record.arrays:
+            self._cam_inputs, self._cam_targets = record.arrays["cam_inputs"], record.arrays["cam_targets"].astype(np.int64)
+            ops.append(ArtifactOp(f"{ARTIFACT_ROOT}/cam/probes.npz", npz_bytes(inputs=self._cam_inputs, targets=self._cam_targets)))
+        methods = [name.split("/", 1)[1] for name in record.arrays if name.startswith("cam/")]
+        for method in methods:
+            ops += self._cam_ops(record, method)
+        return ops
+
+    def _cam_ops(self, record: Record, method: str) -> list[Op]:
+        """Raw maps of the snapshot as an artifact, and the filmstrip so far as an image at this step."""
+        from trainwatch.render import cam_filmstrip
+
+        a = record.arrays
+        maps, predicted, confidence = a[f"cam/{method}"], a["cam_predicted"].astype(np.int64), a["cam_confidence"]
+        history = self._cam_history.setdefault(method, [])
+        history.append((record.step, maps, predicted, confidence))
+        data = npz_bytes(
+            step=np.int64(record.step), maps=maps, raw_max=a[f"cam_raw_max/{method}"], predicted=predicted, confidence=confidence
+        )
+        ops: list[Op] = [ArtifactOp(f"{ARTIFACT_ROOT}/cam/{method}/step-{record.step:08d}.npz", data)]
+        if self._cam_inputs is not None and self._cam_targets is not None:
+            image = cam_filmstrip(method, self._cam_inputs, self._cam_targets, history)
+            ops.append(ImageOp(f"{CAM_IMAGE_KEY}/{method}", record.step, record.timestamp_ms, image))
+        return ops
+
+    def _activation_ops(self, record: Record) -> list[Op]:
+        ops: list[Op] = []
+        summaries = record.arrays["activations"]
+        self._history_steps.append(record.step)
+        self._history.append(summaries[:, len(STAT_COLUMNS) :])
+        self._act_records += 1
+        if self.acts.add(record.step, summaries):
+            ops += self._emit(self.acts, full=True)
+        if self._act_records - self._rendered_at >= self.render_every or self._act_records == 1:
+            ops.append(self._image(record.step, record.timestamp_ms))
+        return ops
+
+    def _image(self, step: int, timestamp_ms: int) -> ImageOp:
+        from trainwatch.render import histogram_evolution
+
+        self._rendered_at = self._act_records
+        rgb = histogram_evolution(self._history_steps, np.stack(self._history), self.act_names, histogram_labels())
+        return ImageOp(HISTOGRAM_IMAGE_KEY, step, timestamp_ms, rgb)
+
+    def _emit(self, table: _Table, full: bool) -> list[Op]:
+        if table is self.params:
+            op = table.take(names=np.asarray(self.param_names), columns=np.asarray(PARAM_COLUMNS))
+        else:
+            op = table.take(names=np.asarray(self.act_names), columns=np.asarray(STAT_COLUMNS), bins=np.asarray(histogram_labels()))
+        if full:
+            table.next_part()
+        return [op] if op is not None else []
+
+    def _flush(self) -> list[Op]:
+        """At a flush the open parts are written (and rewritten at the next flush), and the image redrawn."""
+        ops = self._emit(self.params, full=False) + self._emit(self.acts, full=False)
+        if self._act_records > self._rendered_at:
+            ops.append(self._image(self._history_steps[-1], int(time.time() * 1000)))
+        return ops
+
+
+def groups_artifact(plan_json: dict) -> ArtifactOp:
+    return ArtifactOp(f"{ARTIFACT_ROOT}/groups.json", json.dumps(plan_json, indent=1).encode())

@@ -1,0 +1,526 @@
+"""The only MLflow writer: a bounded queue, one worker thread, batched writes, a disk spool when MLflow is down.
+
+The training thread only calls `submit` (never blocks, never does I/O). The worker turns items into ops
+(through `publish`), delivers them in `log_batch` calls and, while the server is unreachable, appends them to
+a spool on disk that is replayed, in order and once, when the server answers again or by `trainwatch sync`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from trainwatch.ops import ArtifactOp, ImageOp, MetricsOp, Op, ParamsOp, TagsOp, batched, npy_bytes, npy_load
+
+log = logging.getLogger(__name__)
+_STOP = object()
+
+# A request to a tracking server gives up after this many seconds and retries: MLflow's defaults (120 s,
+# 7 retries, backoff 2) hold a writer for minutes on a dead server.
+HTTP_TIMEOUT_S = "10"
+HTTP_RETRIES = "2"
+
+
+def use_short_http_timeouts() -> None:
+    """Default MLflow's HTTP timeout/retries to short values unless the user has set them."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_RETRIES)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def open_client(tracking_uri: str) -> MlflowClient:
+    """A client for `tracking_uri`, checked by one request so a bad URI fails now with a readable error.
+
+    A malformed URI fails in MLflow's constructor already (unsupported scheme, a path MLflow reads as a file
+    store): that is reported the same way."""
+    if tracking_uri.startswith(("http://", "https://")):
+        use_short_http_timeouts()
+    try:
+        client = MlflowClient(tracking_uri=tracking_uri)
+        client.search_experiments(max_results=1)
+    except Exception as error:
+        raise ConnectionError(
+            f"trainwatch cannot reach the MLflow tracking store at {tracking_uri!r}: {type(error).__name__}: "
+            f"{str(error)[:300]}. Check the URI ('http://host:port' for a server, 'sqlite:///path/mlflow.db' for a "
+            f"local file), start the server (e.g. `mlflow server --host 127.0.0.1 --port 5000`), or pass "
+            f"`TrainWatch(tracking_uri=...)` / set MLFLOW_TRACKING_URI to a reachable store such as 'sqlite:///mlflow.db'."
+        ) from error
+    return client
+
+
+def create_run(client: MlflowClient, experiment: str, run_name: str | None) -> str:
+    """Create a run in `experiment` (created if missing) and return its id."""
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+    return client.create_run(experiment_id, run_name=run_name).info.run_id
+
+
+def end_run(client: MlflowClient, run_id: str, status: str) -> None:
+    client.set_terminated(run_id, status=status)
+
+
+def tracking_uri_of(client: MlflowClient) -> str:
+    return client._tracking_client.tracking_uri
+
+
+def start_system_metrics(run_id: str, tracking_uri: str, interval_s: float) -> object | None:
+    """MLflow's own system-metrics monitor (CPU, RAM, disk, network; GPU with nvidia-ml-py) on `run_id`,
+    in its own thread; None if it cannot start (it then never affects training)."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri)
+        monitor.start()
+        return monitor
+    except Exception as error:  # noqa: BLE001
+        log.warning("trainwatch: MLflow's system-metrics monitor did not start (%s); system/ metrics are off.", error)
+        return None
+
+
+def sync(spool_dir: str | Path) -> int:
+    """Deliver a spool left by a run whose server was unreachable; returns the number of ops delivered."""
+    spool = Spool(Path(spool_dir))
+    meta = spool.read_meta()
+    client = open_client(meta["tracking_uri"])
+    delivered = spool.replay(MlflowWriter(client, meta["run_id"]))
+    if meta.get("end_status"):
+        end_run(client, meta["run_id"], meta["end_status"])
+    return delivered
+
+
+class Spool:
+    """Ops waiting on disk: `ops.jsonl` in order, large payloads in blob files beside it."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self.index = self.directory / "ops.jsonl"
+
+    def __len__(self) -> int:
+        if not self.index.exists():
+            return 0
+        with self.index.open() as f:
+            return sum(1 for _ in f)
+
+    def write_meta(self, tracking_uri: str, run_id: str, end_status: str | None = None) -> None:
+        """Where the ops belong, and the status to end the run with once they are delivered (own runs)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        meta = {"tracking_uri": tracking_uri, "run_id": run_id, "end_status": end_status}
+        (self.directory / "run.json").write_text(json.dumps(meta))
+
+    def read_meta(self) -> dict:
+        path = self.directory / "run.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{self.directory} is not a trainwatch spool: it has no run.json.")
+        return json.loads(path.read_text())
+
+    def remove_if_delivered(self) -> bool:
+        """Remove the spool directory if no op waits in it (only `run.json` is left); True if it is gone."""
+        if len(self):
+            return False
+        (self.directory / "run.json").unlink(missing_ok=True)
+        try:
+            self.directory.rmdir()  # only if empty: a blob of a skipped entry keeps it
+        except OSError:
+            return not self.directory.exists()
+        return True
+
+    def append(self, ops: Iterable[Op]) -> int:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        n = 0
+        with self.index.open("a") as f:
+            if f.tell() and not self._ends_with_newline():
+                f.write("\n")  # a line torn by a crash stays one unreadable line instead of swallowing the next
+            for op in ops:
+                f.write(json.dumps(self._encode(op)) + "\n")
+                n += 1
+        return n
+
+    def _ends_with_newline(self) -> bool:
+        with self.index.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) == b"\n"
+
+    def _blob(self, data: bytes) -> str:
+        name = f"blob-{uuid.uuid4().hex}.bin"  # unique even for blobs written within one clock tick
+        (self.directory / name).write_bytes(data)
+        return name
+
+    def _encode(self, op: Op) -> dict:
+        if isinstance(op, MetricsOp):
+            return {"op": "metrics", "values": [list(v) for v in op.values]}
+        if isinstance(op, ArtifactOp):
+            return {"op": "artifact", "path": op.path, "blob": self._blob(op.data)}
+        if isinstance(op, ImageOp):
+            return {"op": "image", "key": op.key, "step": op.step, "ts": op.timestamp_ms, "blob": self._blob(npy_bytes(op.image))}
+        if isinstance(op, TagsOp):
+            return {"op": "tags", "items": [list(t) for t in op.tags]}
+        if isinstance(op, ParamsOp):
+            return {"op": "params", "items": [list(p) for p in op.params]}
+        raise TypeError(f"trainwatch cannot spool {type(op).__name__} objects: not an op")
+
+    def _decode(self, d: dict) -> Op:
+        kind = d["op"]
+        if kind == "metrics":
+            return MetricsOp(tuple((k, float(v), int(t), int(s)) for k, v, t, s in d["values"]))
+        if kind == "artifact":
+            return ArtifactOp(d["path"], (self.directory / d["blob"]).read_bytes())
+        if kind == "image":
+            return ImageOp(d["key"], d["step"], d["ts"], npy_load((self.directory / d["blob"]).read_bytes()))
+        if kind == "tags":
+            return TagsOp(tuple((k, v) for k, v in d["items"]))
+        return ParamsOp(tuple((k, v) for k, v in d["items"]))
+
+    def replay(self, deliver: Callable[[Op], None]) -> int:
+        """Deliver spooled ops in order; on failure keep the undelivered rest and re-raise. Returns the number
+        delivered. An entry that cannot be read back (a line torn by a crash, a missing blob) can never be
+        delivered: it is logged and skipped rather than blocking everything after it."""
+        if not self.index.exists():
+            return 0
+        lines = self.index.read_text().splitlines()
+        delivered = 0
+        for i, line in enumerate(lines):
+            try:
+                entry = json.loads(line)
+                op = self._decode(entry)
+            except Exception as error:  # noqa: BLE001
+                log.error(
+                    "trainwatch: entry %d of %s cannot be read (%s: %s); it is skipped.", i + 1, self.index, type(error).__name__, error
+                )
+                continue
+            try:
+                deliver(op)
+            except Exception:
+                self._rewrite(lines[i:])
+                raise
+            delivered += 1
+            if "blob" in entry:
+                (self.directory / entry["blob"]).unlink(missing_ok=True)
+        self.index.unlink()
+        return delivered
+
+    def _rewrite(self, lines: Sequence[str]) -> None:
+        """Replace the index atomically: a crash while rewriting leaves the old or the new one, never half."""
+        tmp = self.index.with_name(self.index.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, self.index)
+
+
+REFUSALS_LOGGED = 10
+
+
+def refused(error: BaseException) -> bool:
+    """True if the store answered and refused the op itself (an invalid metric name, a changed param value, a
+    deleted run, an image key MLflow does not accept): sending it again cannot succeed, so it is no outage.
+    Connection errors, timeouts and 5xx answers (MLflow raises them as INTERNAL_ERROR or
+    TEMPORARILY_UNAVAILABLE) are outages, and so is anything from `requests` (an OSError, even where it is a
+    ValueError too)."""
+    if isinstance(error, MlflowException):
+        return error.error_code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST")
+    return isinstance(error, (ValueError, TypeError)) and not isinstance(error, OSError)
+
+
+class MlflowWriter:
+    """Deliver ops to one run with an MlflowClient.
+
+    An op the store refuses (see `refused`) is dropped with an error in the log instead of raising: raised, it
+    would look like an outage to the sink, which would spool it and everything after it for good, and
+    `trainwatch sync` would stop at it every time. Metrics, params and tags are split until the refused items
+    are isolated, so the rest of a batch is delivered; a refused metric key is not sent again.
+    """
+
+    def __init__(self, client: MlflowClient, run_id: str) -> None:
+        self.client, self.run_id = client, run_id
+        self.refused = 0  # items dropped: metric values, params, tags, artifacts, images
+        self.refused_keys: set[str] = set()
+
+    def __call__(self, op: Op) -> None:
+        c, run = self.client, self.run_id
+        if isinstance(op, MetricsOp):
+            self._split(
+                "metric", list(op.values), lambda vs: c.log_batch(run, metrics=[Metric(k, v, t, s) for k, v, t, s in vs], synchronous=True)
+            )
+        elif isinstance(op, ArtifactOp):
+            directory, _, name = op.path.rpartition("/")
+            self._one(f"artifact {op.path!r}", lambda: _log_bytes(c, run, directory, name, op.data))
+        elif isinstance(op, ImageOp):
+            send = lambda: c.log_image(run, op.image, key=op.key, step=op.step, timestamp=op.timestamp_ms, synchronous=True)
+            self._one(f"image {op.key!r} at step {op.step}", send)
+        elif isinstance(op, TagsOp):
+            self._split("tag", list(op.tags), lambda ts: c.log_batch(run, tags=[RunTag(k, v) for k, v in ts], synchronous=True))
+        elif isinstance(op, ParamsOp):
+            self._split("param", list(op.params), lambda ps: c.log_batch(run, params=[Param(k, v) for k, v in ps], synchronous=True))
+        else:
+            self._refuse(f"a {type(op).__name__} object", TypeError("not an op"))
+
+    def _split(self, kind: str, items: list[tuple], send: Callable[[list[tuple]], object]) -> None:
+        """Send `items` (tuples whose first element is the key); if refused, halve until the refused ones are alone."""
+        if kind == "metric":
+            items = [item for item in items if item[0] not in self.refused_keys]
+        if not items:
+            return
+        try:
+            send(items)
+        except Exception as error:
+            if not refused(error):
+                raise
+            if len(items) > 1:
+                half = len(items) // 2
+                self._split(kind, items[:half], send)
+                self._split(kind, items[half:], send)
+                return
+            if kind == "metric":
+                self.refused_keys.add(items[0][0])
+            self._refuse(f"{kind} {items[0][0]!r}", error)
+
+    def _one(self, what: str, send: Callable[[], object]) -> None:
+        try:
+            send()
+        except Exception as error:
+            if not refused(error):
+                raise
+            self._refuse(what, error)
+
+    def _refuse(self, what: str, error: Exception) -> None:
+        self.refused += 1
+        if self.refused <= REFUSALS_LOGGED:
+            log.error(
+                "trainwatch: MLflow refused %s of run %s (%s: %s); it is dropped, the rest is delivered.%s",
+                what,
+                self.run_id,
+                type(error).__name__,
+                str(error)[:300],
+                " Further refusals are not logged." if self.refused == REFUSALS_LOGGED else "",
+            )
+
+
+def _log_bytes(client: MlflowClient, run_id: str, directory: str, name: str, data: bytes) -> None:
+    with tempfile.TemporaryDirectory(prefix="trainwatch-") as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        client.log_artifact(run_id, str(path), artifact_path=directory or None)
+
+
+@dataclass
+class SinkStats:
+    submitted: int = 0
+    overflowed: int = 0
+    delivered_ops: int = 0
+    spooled_ops: int = 0
+    replayed_ops: int = 0
+    failures: int = 0
+
+
+class MlflowSink:
+    """Bounded queue → worker thread → batched MLflow writes, with a disk spool while MLflow is down.
+
+    `publish(item) -> list[Op]` runs on the worker thread and turns submitted items into ops.
+    """
+
+    def __init__(
+        self,
+        deliver: Callable[[Op], None],
+        spool: Spool,
+        publish: Callable[[object], list[Op]] | None = None,
+        queue_size: int = 1000,
+        retry_after_s: float = 5.0,
+        describe: str = "MLflow",
+    ) -> None:
+        self._deliver_op, self.spool, self._publish = deliver, spool, publish or _ops_as_they_are
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        # Items submitted while the queue is full wait here, in order, behind everything queued before them;
+        # deque.append / popleft are atomic, so the training thread parks an item without a lock or I/O.
+        self._overflow: collections.deque = collections.deque()
+        self._retry_after_s = retry_after_s
+        self._describe = describe
+        self._down_since: float | None = None
+        self._next_try = 0.0
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.stats = SinkStats()
+        self.last_error: str | None = None
+
+    # --- training thread -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="trainwatch-sink", daemon=True)
+            self._thread.start()
+
+    def submit(self, item: object) -> None:
+        """Hand an item to the worker; never blocks. A full queue parks the item in memory for the worker,
+        which takes items in submission order; the overflow is reported at close."""
+        self.stats.submitted += 1
+        if not self._enqueue(item):
+            self.stats.overflowed += 1
+
+    def _enqueue(self, item: object) -> bool:
+        """Queue `item` (True) or park it (False); never blocks. Once an item is parked, later ones are parked
+        behind it until the worker has taken them all, so every queued item precedes every parked one."""
+        if not self._overflow:
+            try:
+                self._queue.put_nowait(item)
+                return True
+            except queue.Full:
+                pass
+        self._overflow.append(item)
+        return False
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything submitted so far is delivered or spooled; True if that happened in time."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            return True
+        done = threading.Event()
+        self._enqueue(done)  # never blocks, even on a full queue: the timeout holds
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not done.wait(0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))):
+            if not thread.is_alive() or (deadline is not None and time.monotonic() >= deadline):
+                return done.is_set()
+        return True
+
+    def close(self, timeout: float | None = 120.0) -> None:
+        """Flush, stop the worker and, if ops are still spooled, say how to deliver them; remove the spool
+        directory if nothing waits in it. Idempotent.
+
+        While MLflow is down, close makes one last delivery attempt whatever the retry timer says, so a server
+        that came back shortly before the end gets everything now rather than through `trainwatch sync`."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None and self._thread.is_alive():
+            self._enqueue(_STOP)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("trainwatch: the sink did not finish within %s s; it goes on in the background.", timeout)
+        left = len(self.spool)
+        if not left and (self._thread is None or not self._thread.is_alive()):
+            self.spool.remove_if_delivered()  # nothing waits: no directory left behind per run
+        if left:
+            warnings.warn(
+                f"trainwatch: {self._describe} was unreachable ({self.last_error}); {left} operations are kept in "
+                f"{self.spool.directory}. Deliver them when it is back with: trainwatch sync {self.spool.directory}",
+                stacklevel=2,
+            )
+        if self.stats.overflowed:
+            log.warning(
+                "trainwatch: the sink queue overflowed %d times; those records were parked in memory, none dropped.", self.stats.overflowed
+            )
+
+    # --- worker thread ---------------------------------------------------------------------------------
+    def _next(self) -> object | None:
+        """The next item in submission order (queued items first: they precede every parked one), or None
+        after half a second without any."""
+        try:
+            return self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        try:
+            return self._overflow.popleft()
+        except IndexError:
+            pass
+        try:
+            return self._queue.get(timeout=0.5)
+        except queue.Empty:
+            return None
+
+    def _idle(self) -> bool:
+        return self._queue.empty() and not self._overflow
+
+    def _run(self) -> None:
+        pending: list[Op] = []
+        while True:
+            item = self._next()
+            if item is _STOP or isinstance(item, threading.Event):
+                ops, pending = pending + self._safe_publish(_FLUSH), []
+                self._safe_deliver(ops, final=item is _STOP)
+                if item is _STOP:
+                    return
+                item.set()
+                continue
+            if item is not None:
+                pending.extend(self._safe_publish(item))
+            if pending and (item is None or self._idle()):
+                ops, pending = pending, []
+                self._safe_deliver(ops)
+            elif item is None and self._down_since is not None:
+                self._safe_deliver([])  # retry the spool while idle
+
+    def _safe_publish(self, item: object) -> list[Op]:
+        try:
+            return self._publish(item)
+        except Exception:
+            log.exception("trainwatch: could not turn a record into MLflow operations; it is skipped")
+            return []
+
+    def _safe_deliver(self, ops: list[Op], final: bool = False) -> None:
+        """`_deliver`, but an unexpected error (the spool's disk full) is logged: the worker must live on, or
+        `flush` and `close` would wait for it in vain."""
+        try:
+            self._deliver(ops, final)
+        except Exception:
+            log.exception("trainwatch: %d operations could be neither delivered nor spooled; they are lost", len(ops))
+
+    def _deliver(self, ops: list[Op], final: bool = False) -> None:
+        ops = batched(ops)
+        if self._down_since is not None:
+            if not final and time.monotonic() < self._next_try:
+                self.stats.spooled_ops += self.spool.append(ops)
+                return
+            try:
+                self.stats.replayed_ops += self.spool.replay(self._deliver_op)
+            except Exception as error:  # noqa: BLE001
+                self._went_down(error)
+                self.stats.spooled_ops += self.spool.append(ops)
+                return
+            log.warning("trainwatch: %s is reachable again; spooled operations delivered.", self._describe)
+            self._down_since = None
+        for i, op in enumerate(ops):
+            try:
+                self._deliver_op(op)
+                self.stats.delivered_ops += 1
+            except Exception as error:  # noqa: BLE001
+                self._went_down(error)
+                self.stats.spooled_ops += self.spool.append(ops[i:])
+                return
+
+    def _went_down(self, error: Exception) -> None:
+        self.stats.failures += 1
+        self.last_error = f"{type(error).__name__}: {str(error)[:200]}"
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            warnings.warn(
+                f"trainwatch: cannot write to {self._describe} ({self.last_error}). Training continues; records are "
+                f"spooled to {self.spool.directory} and delivered when it answers again.",
+                stacklevel=1,
+            )
+        self._next_try = time.monotonic() + self._retry_after_s
+
+
+class _Flush:
+    """Marker passed to `publish` at a flush, so it can emit what it has been accumulating."""
+
+
+_FLUSH = _Flush()
+
+
+def is_flush(item: object) -> bool:
+    return item is _FLUSH
+
+
+def _ops_as_they_are(item: object) -> list[Op]:
+    """The default `publish`: items are ops already; the flush marker adds none."""
+    return [] if is_flush(item) else [item]  # type: ignore[list-item]
