@@ -5,6 +5,7 @@ No maths (that is `capture` and `probes`) and no MLflow calls (that is the sink,
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +27,8 @@ from trainwatch.probes.probe_batch import check_forward, draw_inputs, first_load
 from trainwatch.publish import Publisher, groups_artifact
 from trainwatch.record import Packer
 from trainwatch.sink import MlflowSink, MlflowWriter, Spool, create_run, end_run, open_client, start_system_metrics, tracking_uri_of
+
+log = logging.getLogger(__name__)
 
 ActivationSource = Literal["probe", "live", "off"]
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -304,11 +307,22 @@ class TrainWatch(pl.Callback):
         if self.sink is not None:
             self.sink.close()
             if self._own_run:
-                if len(self.sink.spool):  # `trainwatch sync` ends the run once the spool is delivered
-                    self.sink.spool.write_meta(tracking_uri_of(self._client), self.run_id, self._status)
-                else:
-                    end_run(self._client, self.run_id, self._status)
+                self._end_own_run()
             self.sink = None
+
+    def _end_own_run(self) -> None:
+        """End our run with its status, or leave the status in the spool for `trainwatch sync` to set once
+        the spooled ops are delivered (also when the server went away after the last op)."""
+        assert self.sink is not None
+        spool = self.sink.spool
+        if not len(spool):
+            try:
+                end_run(self._client, self.run_id, self._status)
+                return
+            except Exception as error:  # noqa: BLE001 - any client error: the status must not be lost
+                log.warning("trainwatch: could not end run %s (%s); its status waits in %s.", self.run_id, error, spool.directory)
+        spool.write_meta(tracking_uri_of(self._client), self.run_id, self._status)
+        log.warning("trainwatch: run %s is not complete on the server; deliver it with `trainwatch sync %s`.", self.run_id, spool.directory)
 
     # --- training hooks ---------------------------------------------------------------------------------
     @override

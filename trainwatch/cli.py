@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             n = sync_spool(args.spool_dir)
-        except (FileNotFoundError, ConnectionError) as error:
+        except Exception as error:  # noqa: BLE001 - a CLI reports any failure as a message and exit code 1
             print(f"trainwatch sync: {error}", file=sys.stderr)
+            print("Nothing was removed from the spool; run the command again once the server is reachable.", file=sys.stderr)
             return 1
         print(f"trainwatch sync: delivered {n} spooled operations from {args.spool_dir}")
         return 0

@@ -52,11 +52,21 @@ class _Table:
 class Publisher:
     """Callable for `MlflowSink(publish=...)`: PendingRecord / Record / Op / flush marker → list of ops."""
 
-    def __init__(self, param_names: list[str], act_names: list[str], rows_per_part: int = 200, render_every: int = 10) -> None:
+    def __init__(
+        self,
+        param_names: list[str],
+        act_names: list[str],
+        rows_per_part: int = 200,
+        render_every: int = 10,
+        render_interval_s: float = 30.0,
+    ) -> None:
         self.param_names, self.act_names = param_names, act_names
         self.params = _Table("stats/params", rows_per_part)
         self.acts = _Table("histograms/activations", rows_per_part)
-        self.render_every = render_every
+        # The evolution image is redrawn after `render_every` snapshots but at most every `render_interval_s`
+        # (a matplotlib render takes ~0.5 s of the sink thread, which shares the GIL with training).
+        self.render_every, self.render_interval_s = render_every, render_interval_s
+        self._rendered_time = -float("inf")
         self._act_records = 0
         self._rendered_at = 0  # activation records covered by the last image
         self._history_steps: list[int] = []
@@ -115,14 +125,15 @@ class Publisher:
         self._act_records += 1
         if self.acts.add(record.step, summaries):
             ops += self._emit(self.acts, full=True)
-        if self._act_records - self._rendered_at >= self.render_every or self._act_records == 1:
+        due = self._act_records - self._rendered_at >= self.render_every
+        if self._act_records == 1 or (due and time.monotonic() - self._rendered_time >= self.render_interval_s):
             ops.append(self._image(record.step, record.timestamp_ms))
         return ops
 
     def _image(self, step: int, timestamp_ms: int) -> ImageOp:
         from trainwatch.render import histogram_evolution
 
-        self._rendered_at = self._act_records
+        self._rendered_at, self._rendered_time = self._act_records, time.monotonic()
         rgb = histogram_evolution(self._history_steps, np.stack(self._history), self.act_names, histogram_labels())
         return ImageOp(HISTOGRAM_IMAGE_KEY, step, timestamp_ms, rgb)
 

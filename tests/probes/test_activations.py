@@ -38,6 +38,20 @@ def test_histogram_matches_independent_binning_and_sums_to_numel():
     assert len(A.histogram_labels()) == A.num_bins()
 
 
+def test_histogram_is_exact_at_edges_subnormals_signed_zero_and_signed_nan():
+    e = A.EDGES.to(torch.float32)
+    near = [e, torch.nextafter(e, torch.tensor(np.inf)), torch.nextafter(e, torch.tensor(0.0))]
+    negative_nan = torch.from_numpy(np.array([0xFFC00000], dtype=np.uint32).view(np.float32))
+    specials = torch.tensor([0.0, -0.0, 1e-40, -1e-41, np.nan, np.inf, -np.inf, 3e38, -3e38, 1e-7, 2e4])
+    x = torch.cat([*near, *(-t for t in near), specials, negative_nan])
+    expect = _independent_histogram(x.numpy().astype(np.float64), A.EDGES.numpy())
+    np.testing.assert_array_equal(A.histogram_counts(x).numpy(), expect)
+    # float16 and float64 inputs are binned as their float32 values
+    half = torch.randn(500, generator=torch.Generator().manual_seed(3)).half()
+    np.testing.assert_array_equal(A.histogram_counts(half).numpy(), A.histogram_counts(half.float()).numpy())
+    np.testing.assert_array_equal(A.histogram_counts(x.double()).numpy(), expect)
+
+
 def test_summary_columns_match_torch():
     g = torch.Generator().manual_seed(1)
     x = torch.relu(torch.randn(16, 4, 5, generator=g))
@@ -67,8 +81,8 @@ def test_pooled_group_stats_equal_stats_of_concatenation():
     summaries = torch.stack([A.activation_summary(a), A.activation_summary(b, "tanh")])
     pooled = A.pool_summaries(summaries, torch.tensor([0, 0]), 1)
     both = torch.cat([a.reshape(-1), b.reshape(-1)]).double()
-    assert pooled["act_mean"].item() == pytest.approx(both.mean().item(), rel=1e-9)
-    assert pooled["act_std"].item() == pytest.approx(both.std(unbiased=False).item(), rel=1e-9)
+    assert pooled["act_mean"].item() == pytest.approx(both.mean().item(), rel=1e-5)  # float32 sums
+    assert pooled["act_std"].item() == pytest.approx(both.std(unbiased=False).item(), rel=1e-5)
     assert pooled["act_saturated_frac"].item() == pytest.approx((b.abs() > 0.99).float().mean().item())
 
 

@@ -36,6 +36,15 @@ def test_count_nonfinite_in_small_chunks(monkeypatch):
     assert G.count_nonfinite(ts).tolist() == [0.0, 3.0, 0.0]
 
 
+def test_count_nonfinite_skips_only_when_every_max_is_finite():
+    ts = _tensors()
+    finite = [ts[0], ts[2]]
+    assert G.count_nonfinite(finite, G.tensor_stats(finite).max_abs).tolist() == [0.0, 0.0]
+    only_inf = [torch.tensor([1.0, float("inf"), -float("inf")]), torch.tensor([float("nan"), 1e30])]
+    max_abs = G.tensor_stats(only_inf).max_abs
+    assert G.count_nonfinite(only_inf, max_abs).tolist() == [2.0, 1.0]
+
+
 def test_group_norm_is_norm_of_concatenation():
     g = torch.Generator().manual_seed(1)
     ts = [torch.randn(4, 3, generator=g), torch.randn(3, generator=g), torch.randn(2, 2, generator=g)]

@@ -38,31 +38,61 @@ def num_bins(edges: Tensor = EDGES) -> int:
 def histogram_counts(x: Tensor, edges: Tensor = EDGES) -> Tensor:
     """Counts of `x` in signed log-magnitude bins plus explicit zero/NaN/±Inf slots; sums to `x.numel()`.
 
-    Bin index: zero at Z = E+1; a finite non-zero value of magnitude in bin m sits at Z±(1+m).
+    Slot layout (see `histogram_labels`): negative magnitudes from the largest down, the exact zero at E+1,
+    positive magnitudes from the smallest up, then NaN, +Inf, −Inf. A magnitude v is in bin m = #{edges < v}.
+    Values are binned as float32 (float64 values are rounded to float32 first).
     """
-    x = x.detach().reshape(-1)
-    e = len(edges)
-    zero_slot = e + 1
-    mag = torch.bucketize(x.abs().to(edges.dtype), _on_device(edges, x.device))
-    idx = torch.where(x > 0, zero_slot + 1 + mag, zero_slot - 1 - mag)
-    idx = torch.where(x == 0, zero_slot, idx)
-    nan_slot = 2 * zero_slot + 1
-    idx = torch.where(x.isnan(), nan_slot, idx)
-    idx = torch.where(x == float("inf"), nan_slot + 1, idx)
-    idx = torch.where(x == float("-inf"), nan_slot + 2, idx)
-    n = num_bins(edges)
-    return torch.histc(idx.to(torch.float32), bins=n, min=0, max=n).to(torch.float64)
+    bits = x.detach().reshape(-1).to(torch.float32).view(torch.int32)
+    return _histogram_from_bits(bits, bits & 0x7FFFFFFF, edges)
 
 
-_EDGES_ON: dict[tuple[int, torch.device], Tensor] = {}
+def _histogram_from_bits(bits: Tensor, magnitude_bits: Tensor, edges: Tensor) -> Tensor:
+    """Bin search by table lookup on the float's top bits (8 exponent and 4 mantissa bits: 4096 cells, each
+    holding at most one edge) and one comparison with that edge: exact, and several times faster on CPU than
+    `torch.bucketize` or a logarithm; all int32, no host sync.
+
+    Internal slot C + sign·k with C = E+3, where k is 0 for ±0, 1+m for magnitude bin m, E+2 for Inf and E+3
+    for NaN; `_public_order` folds the two NaN signs together.
+    """
+    base, edge_in = _cell_tables(edges, bits.device)
+    cell = magnitude_bits >> _CELL_SHIFT
+    k = torch.index_select(base, 0, cell).add_(magnitude_bits > torch.index_select(edge_in, 0, cell))
+    slots = k.mul_((bits >> 31) | 1).add_(len(edges) + 3)  # (bits >> 31) | 1 is −1 where the sign bit is set
+    n = 2 * len(edges) + 7
+    if slots.device.type == "cpu":  # bincount is ~4x faster than histc on CPU but synchronises on CUDA
+        internal = torch.bincount(slots, minlength=n)
+    else:
+        internal = torch.histc(slots.to(torch.float32), bins=n, min=0, max=n)
+    internal = internal.to(torch.float64)
+    # internal [−NaN, −Inf, …finite…, +Inf, +NaN] → public [...finite..., NaN, +Inf, −Inf]
+    return torch.cat([internal[2:-2], (internal[0] + internal[-1]).reshape(1), internal[-2:-1], internal[1:2]])
 
 
-def _on_device(edges: Tensor, device: torch.device) -> Tensor:
-    """`edges` on `device`, copied once (a host→device copy per call would synchronise on CUDA)."""
+_CELL_SHIFT = 19  # |x| bits >> 19: 12 bits, the 8 exponent bits and the top 4 mantissa bits
+_TABLES: dict[tuple[int, torch.device], tuple[Tensor, Tensor]] = {}
+
+
+def _cell_tables(edges: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per magnitude cell: k of the cell's lowest value, and the bits of the edge inside the cell (or 2^31−1).
+
+    Edge e is compared as the largest float32 ≤ e, so that `v > e` holds in float32 exactly when it holds in
+    float64. Built once per edges and device (a host→device copy per call would synchronise on CUDA)."""
     key = (id(edges), device)
-    if key not in _EDGES_ON:
-        _EDGES_ON[key] = edges.to(device)
-    return _EDGES_ON[key]
+    if key not in _TABLES:
+        e32 = edges.to(torch.float32)
+        e32 = torch.where(e32.double() > edges.double(), torch.nextafter(e32, torch.zeros_like(e32)), e32)
+        edge_bits = e32.view(torch.int32).long()[None, :]
+        low = torch.arange(1 << (31 - _CELL_SHIFT), dtype=torch.long)[:, None] << _CELL_SHIFT
+        inside = (edge_bits >= low) & (edge_bits < low + (1 << _CELL_SHIFT))
+        never = (1 << 31) - 1
+        edge_in = torch.where(inside.any(1), (edge_bits * inside).amax(1), never)
+        base = 1 + (edge_bits < low).sum(1)
+        base[0], edge_in[0] = 0, 0  # the zero cell: +0 is k=0; subnormals (bits > 0) are magnitude bin 0
+        inf_cell = 0x7F800000 >> _CELL_SHIFT
+        base[inf_cell], edge_in[inf_cell] = len(edges) + 2, 0x7F800000  # Inf; NaN bits lie above it
+        base[inf_cell + 1 :], edge_in[inf_cell + 1 :] = len(edges) + 3, never  # NaN only
+        _TABLES[key] = (base.to(torch.int32).to(device), edge_in.to(torch.int32).to(device))
+    return _TABLES[key]
 
 
 def saturation_mask(x: Tensor, kind: str) -> Tensor:
@@ -78,38 +108,39 @@ def activation_summary(x: Tensor, kind: str | None = None, edges: Tensor = EDGES
     """One float64 vector: STAT_COLUMNS then the histogram counts. Counts add across batches and ranks.
 
     `dead` counts per-sample positions (all dims but the batch) that are exactly zero for every sample:
-    a unit that never fires on the probe batch.
+    a unit that never fires on the probe batch. Sums are float32 reductions (pairwise, ~1e-6 relative) kept
+    as float64; the zero, NaN and Inf counts come from the histogram rather than from extra passes.
     """
-    x = x.detach()
+    x32 = x.detach().to(torch.float32)
     f64 = torch.float64
     const = lambda v: torch.full((), float(v), dtype=f64, device=x.device)  # a fill kernel, not a copy
-    finite = x.isfinite()
-    clean = torch.where(finite, x, 0).to(f64)
-    zeros = (x == 0).sum()
-    if x.dim() >= 2:
-        positions = x[0].numel()
-        dead = (~(x != 0).reshape(x.shape[0], -1).any(0)).sum()
+    bits = x32.view(torch.int32)
+    magnitude_bits = bits & 0x7FFFFFFF  # ordered like |x|; NaN above every number
+    counts = _histogram_from_bits(bits.reshape(-1), magnitude_bits.reshape(-1), edges)
+    zeros, nonfinite = counts[len(edges) + 1], counts[num_bins(edges) - 3 :].sum()
+    clean = torch.nan_to_num(x32, nan=0.0, posinf=0.0, neginf=0.0)
+    if x32.dim() >= 2:
+        positions = x32[0].numel()
+        dead = (magnitude_bits.reshape(x32.shape[0], -1).amax(0) == 0).sum().to(f64)  # NaN counts as firing
     else:
-        positions, dead = x.numel(), (x == 0).sum()
-    if kind is None:
-        sat_numel, saturated = const(0), const(0)
-    else:
-        sat_numel, saturated = const(x.numel()), saturation_mask(x, kind).sum()
+        positions, dead = x32.numel(), zeros
+    n = x32.numel()
+    saturated = saturation_mask(x32, kind).sum().to(f64) if kind is not None else const(0)
     stats = torch.stack(
         [
-            const(x.numel()),
-            finite.sum().to(f64),
-            clean.sum(),
-            clean.square().sum(),
-            zeros.to(f64),
-            sat_numel,
-            saturated.to(f64),
-            (x.numel() - finite.sum()).to(f64),
-            dead.to(f64),
+            const(n),
+            const(n) - nonfinite,
+            clean.sum().to(f64),
+            torch.linalg.vector_norm(clean).to(f64).square(),
+            zeros,
+            const(n if kind is not None else 0),
+            saturated,
+            nonfinite,
+            dead,
             const(positions),
         ]
     )
-    return torch.cat([stats, histogram_counts(x, edges)])
+    return torch.cat([stats, counts])
 
 
 def pool_summaries(summaries: Tensor, group_index: Tensor, num_groups: int) -> dict[str, Tensor]:

@@ -52,9 +52,15 @@ def _stack_norms(tensors: Sequence[Tensor], ord: float) -> Tensor:
     return torch.stack(torch._foreach_norm(list(tensors), ord, dtype=torch.float32))
 
 
-def count_nonfinite(tensors: Sequence[Tensor]) -> Tensor:
+def count_nonfinite(tensors: Sequence[Tensor], max_abs: Tensor | None = None) -> Tensor:
     """Number of NaN/Inf entries of each tensor: x·0 is 0 where x is finite and NaN elsewhere, and the
-    L0 "norm" counts the entries that are not zero."""
+    L0 "norm" counts the entries that are not zero.
+
+    With `max_abs` (per-tensor max |x|) on the CPU, where reading a value costs no device sync, the two passes
+    are skipped when every max is finite: then no entry can be NaN or Inf.
+    """
+    if max_abs is not None and max_abs.device.type == "cpu" and bool(max_abs.isfinite().all()):
+        return torch.zeros(len(tensors), dtype=torch.float32)
     counts = []
     for chunk in _chunks(tensors):
         counts.extend(torch._foreach_norm(torch._foreach_mul(chunk, 0.0), 0, dtype=torch.float32))
@@ -78,10 +84,11 @@ def tensor_stats(tensors: Sequence[Tensor], numel: Tensor | None = None) -> Tens
     norms = _stack_norms(tensors, 2.0)
     numel = numels(tensors) if numel is None else numel
     nonzero = _stack_norms(tensors, 0.0)  # counts NaN as non-zero, so zeros are exact zeros only
+    max_abs = _stack_norms(tensors, float("inf"))
     return TensorStats(
         sq_norm=norms.square(),
-        max_abs=_stack_norms(tensors, float("inf")),
-        nonfinite=count_nonfinite(tensors),
+        max_abs=max_abs,
+        nonfinite=count_nonfinite(tensors, max_abs),
         zeros=numel - nonzero,
         numel=numel,
     )
