@@ -355,11 +355,12 @@ def test_demo_trains_and_logs(tmp_path, monkeypatch, capsys):
     from trainwatch.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["demo", "--epochs", "1"]) == 0
+    assert main(["demo", "--epochs", "1", "--landscape-steps", "5"]) == 0
     out = capsys.readouterr().out
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
     _, run = _only_run("sqlite:///mlflow.db", "trainwatch-demo")
     assert {"grad_norm/features.0", "update_ratio/classifier", "act_zero_frac/features.2", "val_acc"} <= set(run.data.metrics)
+    assert "landscape/random/centre_loss" in run.data.metrics
 
 
 def test_system_metrics_land_in_the_same_run(store):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,8 @@ from typing_extensions import override
 from trainwatch._version import __version__
 from trainwatch.capture import Capture
 from trainwatch.groups import GroupPlan, activation_modules, bind, param_modules, plan_groups, resolve_names
-from trainwatch.ops import ParamsOp, TagsOp
+from trainwatch.landscape import export
+from trainwatch.ops import ArtifactOp, ParamsOp, TagsOp
 from trainwatch.probes import dynamics
 from trainwatch.probes.cam_probe import CamProbe, balanced_probes
 from trainwatch.probes.probe_batch import check_forward, draw_inputs, first_loader
@@ -63,6 +65,10 @@ class TrainWatch(pl.Callback):
         cam_layer: `named_modules()` name of the CAM layer; default the last module with a spatial output.
         cam_probes: probe inputs (a tensor, with `cam_targets`) or indices into the validation dataset;
             default the first `cam_samples` validation samples, balanced over classes.
+        landscape_samples: (input, target) pairs kept with the run for `trainwatch landscape` (the first ones of
+            the validation data, else the training data); 0 keeps none. At the end of `fit` the module class and a
+            weights-only checkpoint are logged too, so the job needs nothing but the run id.
+        landscape_data: explicit (inputs, targets) for the landscape instead of drawing them.
     """
 
     def __init__(
@@ -89,6 +95,8 @@ class TrainWatch(pl.Callback):
         cam_probes: Tensor | list[int] | None = None,
         cam_targets: Tensor | None = None,
         cam_samples: int = 8,
+        landscape_samples: int = 512,
+        landscape_data: tuple[Tensor, Tensor] | None = None,
     ) -> None:
         _positive("every_n_steps", every_n_steps)
         _positive("activations_every_n_steps", activations_every_n_steps)
@@ -128,6 +136,10 @@ class TrainWatch(pl.Callback):
         self.cam_probes = cam_probes
         self.cam_targets = cam_targets
         self.cam_samples = cam_samples
+        if not isinstance(landscape_samples, int) or landscape_samples < 0:
+            raise ValueError(f"`TrainWatch(landscape_samples={landscape_samples!r})` must be an integer >= 0 (0 keeps no data).")
+        self.landscape_samples = landscape_samples
+        self.landscape_data = landscape_data
         self._reset()
 
     def _reset(self) -> None:
@@ -251,7 +263,42 @@ class TrainWatch(pl.Callback):
             except ValueError as error:
                 raise MisconfigurationException(str(error)) from error
             self._start_cam(trainer, pl_module)
+        if trainer.is_global_zero:
+            self._export_eval_data(trainer)
         self._throughput = dynamics.Throughput()
+
+    def _export_eval_data(self, trainer: pl.Trainer) -> None:
+        """Ship the landscape's evaluation subset once; a run without one only loses the landscape (a warning)."""
+        if self.sink is None or (self.landscape_samples == 0 and self.landscape_data is None):
+            return
+        try:
+            if self.landscape_data is not None:
+                source, (inputs, targets) = "`landscape_data`", self.landscape_data
+            else:
+                sources = [
+                    ("validation data", first_loader(trainer.val_dataloaders)),
+                    ("training data", first_loader(trainer.train_dataloader)),
+                ]
+                source, inputs, targets = export.draw_pairs(sources, self.landscape_samples)
+            self.sink.submit(ArtifactOp(export.EVAL_DATA, export.eval_bytes(inputs, targets, source)))
+        except ValueError as error:
+            log.warning("trainwatch: no evaluation data for `trainwatch landscape`: %s", error)
+
+    def _export_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Log the module class and a weights-only checkpoint (every rank calls: saving is a collective)."""
+        if self.landscape_samples == 0 and self.landscape_data is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "last.ckpt"
+            trainer.save_checkpoint(path, weights_only=True)
+            if trainer.is_global_zero and self.sink is not None:
+                if not export.model_json_importable(pl_module):
+                    log.warning(
+                        "trainwatch: %s is defined in __main__, so `trainwatch landscape` cannot import it; move it into a module.",
+                        export.class_path(pl_module),
+                    )
+                self.sink.submit(ArtifactOp(export.MODEL_JSON, export.model_json(pl_module)))
+                self.sink.submit(ArtifactOp(export.CHECKPOINT, path.read_bytes()))
 
     def _build_cam(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CamProbe:
         """The CAM probe set, fixed for the run and validated by one dry snapshot."""
@@ -399,6 +446,7 @@ class TrainWatch(pl.Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._export_model(trainer, pl_module)
         if self.sink is not None:
             self.sink.flush()
 

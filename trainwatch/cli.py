@@ -1,4 +1,4 @@
-"""`trainwatch demo | sync`: the command line. Thin: parses arguments and calls the Python API."""
+"""`trainwatch demo | landscape | sync`: the command line. Thin: parses arguments and calls the Python API."""
 
 from __future__ import annotations
 
@@ -12,17 +12,49 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train a small CNN on scikit-learn's digits with TrainWatch attached")
     demo.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     demo.add_argument("--epochs", type=int, default=5)
+    demo.add_argument("--landscape-steps", type=int, default=31, help="points per landscape axis (odd)")
+    land = sub.add_parser("landscape", help="compute a run's loss landscape and log it to the run")
+    land.add_argument("run_id")
+    land.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, then sqlite:///mlflow.db")
+    land.add_argument("--name", default="random", help="folder under trainwatch/landscape/ (default: random)")
+    land.add_argument("--steps", type=int, default=51, help="points per axis, odd (default 51)")
+    land.add_argument("--span", type=float, default=1.0, help="each axis covers [-span, span] (default 1)")
+    land.add_argument("--seed", type=int, default=0)
+    land.add_argument("--mode", choices=["auto", "loop", "vmap"], default="auto")
+    land.add_argument("--bn-mode", choices=["eval", "train"], default="eval")
+    land.add_argument("--ignore", choices=["biasbn", "none"], default="biasbn")
+    land.add_argument("--loss", default=None, help="cross_entropy, mse, or a module attribute (default: inferred)")
+    land.add_argument("--batch-size", type=int, default=512)
+    land.add_argument("--chunk", type=int, default=64)
+    land.add_argument("--device", default="auto")
     sync = sub.add_parser("sync", help="deliver records spooled while the MLflow server was unreachable")
     sync.add_argument("spool_dir")
     args = parser.parse_args(argv)
 
     if args.command == "demo":
         from trainwatch.demo import run_demo
+        from trainwatch.landscape.job import LandscapeSpec, run_landscape
 
         run_id = run_demo(args.tracking_uri, epochs=args.epochs)
+        run_landscape(LandscapeSpec(run_id=run_id, tracking_uri=args.tracking_uri, steps=args.landscape_steps))
         print(f"\ntrainwatch demo finished: run {run_id} in {args.tracking_uri}")
         print(f"Open the MLflow UI with:\n  .venv/bin/mlflow ui --backend-store-uri {args.tracking_uri} --port 5000")
-        print("then browse http://127.0.0.1:5000 → experiment 'trainwatch-demo' → run 'digits-cnn' → Model metrics.")
+        print("then browse http://127.0.0.1:5000 → experiment 'trainwatch-demo' → run 'digits-cnn' → Model metrics;")
+        print("the loss landscape is under Artifacts → trainwatch/landscape/random/ (surface.html is interactive).")
+        return 0
+    if args.command == "landscape":
+        from trainwatch.landscape.job import LandscapeSpec, run_landscape
+
+        try:
+            spec = LandscapeSpec(
+                run_id=args.run_id, tracking_uri=args.tracking_uri, name=args.name, steps=args.steps, span=args.span, seed=args.seed,
+                mode=args.mode, bn_mode=args.bn_mode, ignore=args.ignore, loss=args.loss, batch_size=args.batch_size,
+                chunk=args.chunk, device=args.device,
+            )  # fmt: skip
+            run_landscape(spec)
+        except (ValueError, FileNotFoundError, ConnectionError) as error:
+            print(f"trainwatch landscape: {error}", file=sys.stderr)
+            return 1
         return 0
     if args.command == "sync":
         from trainwatch.sink import sync as sync_spool

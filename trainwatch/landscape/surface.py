@@ -1,0 +1,213 @@
+"""Evaluate the loss at θ₀ + Σ_j c_j·d_j for many points c, fast, leaving the model bitwise unchanged.
+
+Two engines over the same arithmetic: `loop` writes each point into the model's own parameters with fused
+in-place ops (`torch._foreach_copy_` / `_foreach_add_`: no model copy per point) and runs the forward; `vmap`
+evaluates a chunk of points at once with `torch.func.functional_call` over stacked parameters (fast for small
+models, K× the parameter memory). Losses stay on the device until a chunk is done: one host sync per chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from trainwatch.probes._scope import untouched
+
+Mode = Literal["auto", "loop", "vmap"]
+BnMode = Literal["eval", "train"]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Batch = tuple[Tensor, Tensor]
+
+
+def grid_axis(steps: int, span: float) -> np.ndarray:
+    """`steps` evenly spaced coordinates over [−span, span], inclusive, with the exact 0 at the centre."""
+    if steps < 1 or steps % 2 == 0:
+        raise ValueError(f"a landscape axis needs an odd number of points so that the trained model is the centre; got {steps}")
+    if not span > 0:
+        raise ValueError(f"a landscape span must be > 0; got {span}")
+    half = steps // 2
+    return np.arange(-half, half + 1, dtype=np.float64) * (span / half) if half else np.zeros(1)
+
+
+def grid_points(axes: Sequence[np.ndarray]) -> np.ndarray:
+    """All points of the grid, [∏ len(axis), len(axes)], the last axis varying fastest."""
+    mesh = np.meshgrid(*axes, indexing="ij")
+    return np.stack([m.reshape(-1) for m in mesh], axis=1)
+
+
+def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Cross-entropy for integer class targets with [B, C] outputs, mean squared error otherwise."""
+    if not targets.is_floating_point() and outputs.dim() >= 2:
+        return F.cross_entropy(outputs, targets)
+    return F.mse_loss(outputs, targets.to(outputs.dtype).reshape(outputs.shape))
+
+
+def _correct(outputs: Tensor, targets: Tensor) -> Tensor | None:
+    if targets.is_floating_point() or outputs.dim() != 2:
+        return None
+    return (outputs.argmax(1) == targets).sum()
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module, bn_mode: BnMode) -> Iterator[None]:
+    """Eval mode (dropout off) with BatchNorm on running statistics, or on batch statistics for
+    `bn_mode="train"`; every mode, BN buffer, `.grad` and RNG state restored afterwards."""
+    if bn_mode not in ("eval", "train"):
+        raise ValueError(f"bn_mode must be 'eval' or 'train', got {bn_mode!r}")
+    with untouched(model):
+        if bn_mode == "train":
+            for m in model.modules():
+                if isinstance(m, _BatchNorm):
+                    m.train()
+        yield
+
+
+class Surface:
+    """The loss of `model` on `batches` along fixed `directions` (each `{name: tensor}` as `named_parameters()`)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        directions: Sequence[Mapping[str, Tensor]],
+        batches: Sequence[Batch],
+        loss_fn: LossFn = default_loss,
+        bn_mode: BnMode = "eval",
+    ) -> None:
+        self.model, self.batches, self.loss_fn, self.bn_mode = model, list(batches), loss_fn, bn_mode
+        self.names = [name for name, _ in model.named_parameters()]
+        self.params = [p for _, p in model.named_parameters()]
+        missing = [n for d in directions for n in self.names if n not in d]
+        if missing:
+            raise ValueError(f"a direction has no entry for parameter {missing[0]!r}; build directions from this model")
+        self.dirs = [[d[n].to(p.device, p.dtype) for n, p in zip(self.names, self.params, strict=True)] for d in directions]
+        self.samples = sum(len(y) for _, y in self.batches)
+        self.param_bytes = sum(p.numel() * p.element_size() for p in self.params)
+
+    # --- engines ------------------------------------------------------------------------------------------
+    def _loop(self, coords: np.ndarray) -> tuple[Tensor, Tensor | None]:
+        device = self.params[0].device
+        losses = torch.zeros(len(coords), dtype=torch.float64, device=device)
+        correct = torch.zeros(len(coords), dtype=torch.float64, device=device)
+        has_acc = True
+        theta0 = [p.detach().clone() for p in self.params]
+        try:
+            for k, point in enumerate(coords):
+                torch._foreach_copy_(self.params, theta0)
+                for c, d in zip(point.tolist(), self.dirs, strict=True):
+                    if c != 0.0:
+                        torch._foreach_add_(self.params, d, alpha=c)
+                for x, y in self.batches:
+                    out = self.model(x)
+                    losses[k] += self.loss_fn(out, y).double() * len(y)
+                    hit = _correct(out, y)
+                    has_acc = has_acc and hit is not None
+                    if hit is not None:
+                        correct[k] += hit
+        finally:
+            torch._foreach_copy_(self.params, theta0)  # bitwise: θ₀ itself, not θ₀ + 0·d
+        return losses / self.samples, (correct / self.samples if has_acc else None)
+
+    def _vmap(self, coords: np.ndarray) -> tuple[Tensor, Tensor | None]:
+        from torch.func import functional_call, vmap
+
+        device = self.params[0].device
+        c = torch.as_tensor(coords, dtype=self.params[0].dtype, device=device)
+        stacked = []
+        for i, p in enumerate(self.params):
+            shape = (len(coords),) + (1,) * p.dim()
+            value = p.detach().expand(len(coords), *p.shape).clone()
+            for j, d in enumerate(self.dirs):
+                value.add_(c[:, j].reshape(shape) * d[i])
+            stacked.append(value)
+        buffers = dict(self.model.named_buffers())
+        names = self.names
+        classifier = []  # set while vmap traces point_loss (its Python body runs once per call)
+
+        def point_loss(flat: tuple[Tensor, ...], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            out = functional_call(self.model, ({**dict(zip(names, flat, strict=True)), **buffers}), (x,))
+            hit = _correct(out, y)
+            classifier.append(hit is not None)
+            return self.loss_fn(out, y), (hit if hit is not None else torch.zeros((), device=out.device, dtype=torch.long))
+
+        losses = torch.zeros(len(coords), dtype=torch.float64, device=device)
+        correct = torch.zeros(len(coords), dtype=torch.float64, device=device)
+        batched = vmap(point_loss, in_dims=(0, None, None))
+        for x, y in self.batches:
+            loss, hit = batched(tuple(stacked), x, y)
+            losses += loss.double() * len(y)
+            correct += hit.double()
+        return losses / self.samples, (correct / self.samples if all(classifier) else None)
+
+    # --- driver -------------------------------------------------------------------------------------------
+    def evaluate(self, coords: np.ndarray, mode: Mode = "auto", chunk: int = 64) -> Iterator[tuple[slice, np.ndarray, np.ndarray | None]]:
+        """Yield (slice of `coords`, losses, accuracies or None) chunk by chunk; one host sync per chunk.
+
+        `mode="auto"` times the first chunk both ways and keeps the faster engine; `vmap` is only offered with
+        BatchNorm on running statistics (batch statistics would update buffers inside the transform).
+        """
+        coords = np.asarray(coords, dtype=np.float64)
+        coords = coords[:, None] if coords.ndim == 1 else coords
+        if coords.shape[1] != len(self.dirs):
+            raise ValueError(f"points have {coords.shape[1]} coordinates but there are {len(self.dirs)} directions")
+        if mode == "vmap" and self.bn_mode == "train":
+            raise ValueError("mode='vmap' needs bn_mode='eval'; use mode='loop' for BatchNorm on batch statistics")
+        engine = mode if mode != "auto" else ("loop" if self.bn_mode == "train" else None)
+        chunk = max(1, chunk)
+        start = 0
+        with evaluation_mode(self.model, self.bn_mode):
+            if engine is None and len(coords):
+                engine, timed = self._pick(coords[: min(chunk, len(coords))])
+                yield from timed
+                start = timed[-1][0].stop
+            self.engine = engine
+            run = self._loop if engine == "loop" else self._vmap
+            size = chunk if engine == "vmap" else max(chunk, 1)
+            while start < len(coords):
+                stop = min(start + size, len(coords))
+                losses, acc = run(coords[start:stop])
+                yield slice(start, stop), losses.cpu().numpy(), (acc.cpu().numpy() if acc is not None else None)
+                start = stop
+
+    def _pick(self, coords: np.ndarray) -> tuple[str, list[tuple[slice, np.ndarray, np.ndarray | None]]]:
+        """Time the loop on a few points and vmap on the rest of the first chunk (after a warm-up each)."""
+        few = max(1, min(len(coords) // 4, 4))
+        timed: list[tuple[slice, np.ndarray, np.ndarray | None]] = []
+        per_point = {}
+        for engine, part in (("loop", slice(0, few)), ("vmap", slice(few, len(coords)))):
+            if part.stop <= part.start:
+                continue
+            run = self._loop if engine == "loop" else self._vmap
+            try:
+                run(coords[part.start : part.start + 1])  # warm-up (vmap traces on its first call)
+                _sync(self.params[0].device)
+                t0 = time.perf_counter()
+                losses, acc = run(coords[part])
+                _sync(self.params[0].device)
+            except (RuntimeError, NotImplementedError):
+                continue  # a module vmap cannot batch: the loop serves
+            per_point[engine] = (time.perf_counter() - t0) / (part.stop - part.start)
+            timed.append((part, losses.cpu().numpy(), acc.cpu().numpy() if acc is not None else None))
+        if not timed or timed[0][0].start != 0:
+            losses, acc = self._loop(coords[:few])
+            timed.insert(0, (slice(0, few), losses.cpu().numpy(), acc.cpu().numpy() if acc is not None else None))
+            per_point.setdefault("loop", math.inf)
+        if len(timed) == 1 and few < len(coords):  # vmap failed: evaluate the rest of the chunk with the loop
+            losses, acc = self._loop(coords[few:])
+            timed.append((slice(few, len(coords)), losses.cpu().numpy(), acc.cpu().numpy() if acc is not None else None))
+        self.timings = per_point
+        best = min(per_point, key=per_point.get) if per_point else "loop"
+        return best, timed
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
