@@ -26,7 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     land.add_argument("--loss", default=None, help="cross_entropy, mse, or a module attribute (default: inferred)")
     land.add_argument("--batch-size", type=int, default=512)
     land.add_argument("--chunk", type=int, default=64)
-    land.add_argument("--device", default="auto")
+    land.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
+    land.add_argument("--devices", type=int, default=1, help="processes sharing the grid (one per GPU; gloo on CPU)")
     sync = sub.add_parser("sync", help="deliver records spooled while the MLflow server was unreachable")
     sync.add_argument("spool_dir")
     args = parser.parse_args(argv)
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = LandscapeSpec(
                 run_id=args.run_id, tracking_uri=args.tracking_uri, name=args.name, steps=args.steps, span=args.span, seed=args.seed,
                 mode=args.mode, bn_mode=args.bn_mode, ignore=args.ignore, loss=args.loss, batch_size=args.batch_size,
-                chunk=args.chunk, device=args.device,
+                chunk=args.chunk, device=args.device, devices=args.devices,
             )  # fmt: skip
             run_landscape(spec)
         except (ValueError, FileNotFoundError, ConnectionError) as error:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from trainwatch.landscape import directions as D
-from trainwatch.landscape.job import LandscapeSpec, compute_landscape
+from trainwatch.landscape.compute import LandscapeSpec, compute_landscape
 from trainwatch.landscape.surface import Surface, grid_axis, grid_points
 
 
@@ -150,14 +150,14 @@ def test_interrupted_job_resumes_from_partial_results(tmp_path):
     spec = LandscapeSpec(steps=5, span=0.4, mode="loop", chunk=4)
     full = compute_landscape(model, data, spec)
     # interrupt: evaluate only the curve and 2 chunks of the surface, then resume
-    from trainwatch.landscape import job
+    from trainwatch.landscape import compute as job
 
     class Stop(Exception):
         pass
 
     real = job._evaluate
 
-    def interrupted(surface, points, spec, partial, key):
+    def interrupted(surface, points, spec, partial, key, label=""):
         if partial is not None and partial.name == "surface.npz":
             seen = 0
             gen = surface.evaluate
@@ -171,7 +171,7 @@ def test_interrupted_job_resumes_from_partial_results(tmp_path):
                         raise Stop
 
             surface.evaluate = limited
-        return real(surface, points, spec, partial, key)
+        return real(surface, points, spec, partial, key, label)
 
     job._evaluate = interrupted
     try:

@@ -74,3 +74,16 @@ def test_clear_errors_for_runs_the_job_cannot_use(store, capsys):
         load_module({"class": "__main__:Net"}, b"", torch.device("cpu"))
     with pytest.raises(ValueError, match="cannot import"):
         load_module({"class": "nowhere.models:Net"}, b"", torch.device("cpu"))
+
+
+def test_two_process_sharded_job_equals_the_single_process_job(store):
+    run_id = _train(store, landscape_samples=64)
+    single = run_landscape(LandscapeSpec(run_id=run_id, tracking_uri=store, steps=5, span=0.5, name="one", device="cpu"), progress=None)
+    sharded = run_landscape(
+        LandscapeSpec(run_id=run_id, tracking_uri=store, steps=5, span=0.5, name="two", device="cpu", devices=2), progress=None
+    )
+    assert sharded.meta["processes"] == 2 and single.meta["processes"] == 1
+    np.testing.assert_allclose(sharded.loss, single.loss, rtol=1e-6)
+    np.testing.assert_allclose(sharded.curve, single.curve, rtol=1e-6)
+    metrics = mlflow.MlflowClient(store).get_run(run_id).data.metrics
+    assert metrics["landscape/two/centre_loss"] == pytest.approx(metrics["landscape/one/centre_loss"], rel=1e-6)

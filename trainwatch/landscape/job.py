@@ -1,171 +1,30 @@
-"""The landscape job: rebuild a run's model, compute its 1-D curve and 2-D surface, log them to the same run.
+"""The landscape job: rebuild a run's model from its checkpoint, compute the landscape, log it to the same run.
 
-`LandscapeSpec` is shared by the CLI (`trainwatch landscape RUN_ID`) and the Python API (`run_landscape`).
-`compute_landscape` is the framework-free middle: a model, batches and a spec in, arrays out.
+`LandscapeSpec` (in `compute`) is shared by the CLI (`trainwatch landscape RUN_ID`) and `run_landscape`.
+With several devices it starts one process per device (or joins `torchrun`'s group); only rank 0 logs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import io
 import json
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from safetensors.torch import save as save_safetensors
-from torch import Tensor, nn
+from torch import nn
 
 from trainwatch.landscape import export
-from trainwatch.landscape.directions import Ignore, Norm, directions_for
-from trainwatch.landscape.surface import Batch, BnMode, LossFn, Mode, Surface, default_loss, grid_axis, grid_points
+from trainwatch.landscape.compute import Landscape, LandscapeSpec, _rank_world, batches_of, compute_landscape
+from trainwatch.landscape.surface import LossFn, default_loss
 
-
-@dataclass(frozen=True)
-class LandscapeSpec:
-    """Settings of one landscape; `name` is its folder under `trainwatch/landscape/` in the run."""
-
-    run_id: str = ""
-    tracking_uri: str | None = None
-    name: str = "random"
-    steps: int = 51  # points per axis (odd: the trained model is the centre)
-    span: float = 1.0  # each axis covers [−span, span] in units of the filter-normalised direction
-    seed: int = 0
-    norm: Norm = "filter"
-    ignore: Ignore = "biasbn"
-    bn_mode: BnMode = "eval"
-    mode: Mode = "auto"
-    chunk: int = 64  # points per vmap call and per resumable partial result
-    batch_size: int = 512  # evaluation samples per forward
-    device: str = "auto"
-    loss: str | None = None  # "cross_entropy", "mse", or an attribute of the module; default: inferred
-    sharpness_radius: float = 0.1
-    work_dir: str = ".trainwatch/landscape"
-
-    def __post_init__(self) -> None:
-        grid_axis(self.steps, self.span)  # odd steps, span > 0: fail before any work
-        if self.chunk < 1 or self.batch_size < 1:
-            raise ValueError(f"chunk and batch_size must be >= 1, got chunk={self.chunk}, batch_size={self.batch_size}")
-
-    def settings(self) -> dict[str, object]:
-        keep = ("steps", "span", "seed", "norm", "ignore", "bn_mode", "loss", "sharpness_radius")
-        return {k: v for k, v in asdict(self).items() if k in keep}
-
-
-@dataclass
-class Landscape:
-    """Arrays of one computed landscape and how it was made."""
-
-    alphas: np.ndarray
-    betas: np.ndarray
-    loss: np.ndarray  # [len(alphas), len(betas)]
-    accuracy: np.ndarray | None
-    curve: np.ndarray  # 1-D loss along direction 1 (its own evaluation)
-    curve_accuracy: np.ndarray | None
-    directions: list[dict[str, Tensor]]
-    meta: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def centre(self) -> float:
-        return float(self.loss[len(self.alphas) // 2, len(self.betas) // 2])
-
-    def metrics(self, radius: float) -> dict[str, float]:
-        """Centre loss, sharpness (largest loss increase within `radius` of the centre) and the curvature
-        (second difference of the loss at the centre along each direction, and their mean)."""
-        a, b = np.meshgrid(self.alphas, self.betas, indexing="ij")
-        near = np.hypot(a, b) <= radius + 1e-12
-        c, i, j = self.centre, len(self.alphas) // 2, len(self.betas) // 2
-        h = self.alphas[1] - self.alphas[0] if len(self.alphas) > 1 else np.nan
-        k = self.betas[1] - self.betas[0] if len(self.betas) > 1 else np.nan
-        curv_a = (self.loss[i + 1, j] - 2 * c + self.loss[i - 1, j]) / h**2 if len(self.alphas) > 1 else np.nan
-        curv_b = (self.loss[i, j + 1] - 2 * c + self.loss[i, j - 1]) / k**2 if len(self.betas) > 1 else np.nan
-        return {
-            "centre_loss": c,
-            "sharpness": float(np.nanmax(self.loss[near]) - c),
-            "curvature_d1": float(curv_a),
-            "curvature_d2": float(curv_b),
-            "curvature": float(np.nanmean([curv_a, curv_b])),
-        }
-
-
-def batches_of(inputs: Tensor, targets: Tensor, batch_size: int, device: torch.device) -> list[Batch]:
-    """The evaluation data on the device, split into fixed batches (no shuffle, no augmentation)."""
-    inputs, targets = inputs.to(device), targets.to(device)
-    return [(inputs[i : i + batch_size], targets[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
-
-
-def _spec_key(spec: LandscapeSpec, data: Sequence[Batch]) -> str:
-    digest = hashlib.sha256(json.dumps(spec.settings(), sort_keys=True).encode())
-    for x, y in data:
-        digest.update(x.detach().cpu().numpy().tobytes())
-        digest.update(y.detach().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-def _evaluate(
-    surface: Surface, points: np.ndarray, spec: LandscapeSpec, partial: Path | None, key: str
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Loss (and accuracy) at every point; with `partial`, finished chunks are saved and skipped on resume."""
-    loss = np.full(len(points), np.nan)
-    acc = np.full(len(points), np.nan)
-    done = np.zeros(len(points), dtype=bool)
-    if partial is not None and partial.exists():
-        saved = np.load(partial)
-        if str(saved["key"]) == key and len(saved["loss"]) == len(points):
-            loss, acc, done = saved["loss"].copy(), saved["acc"].copy(), saved["done"].copy()
-    todo = np.flatnonzero(~done)
-    has_acc = bool(np.isfinite(acc[done]).any()) if done.any() else True
-    for part, chunk_loss, chunk_acc in surface.evaluate(points[todo], spec.mode, spec.chunk):
-        index = todo[part]
-        loss[index], done[index] = chunk_loss, True
-        if chunk_acc is None:
-            has_acc = False
-        else:
-            acc[index] = chunk_acc
-        if partial is not None:
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(partial.with_suffix(".tmp.npz"), key=key, loss=loss, acc=acc, done=done)
-            partial.with_suffix(".tmp.npz").replace(partial)
-    return loss, (acc if has_acc else None)
-
-
-def compute_landscape(
-    model: nn.Module, batches: Sequence[Batch], spec: LandscapeSpec, loss_fn: LossFn = default_loss, partial_dir: Path | None = None
-) -> Landscape:
-    """Directions from `spec.seed`, the 1-D curve along direction 1 and the 2-D grid; the model is restored
-    bitwise. `partial_dir` keeps finished chunks so an interrupted job resumes where it stopped."""
-    start = time.perf_counter()
-    device = next(model.parameters()).device
-    directions = directions_for(model, 2, spec.seed, spec.norm, spec.ignore)
-    axis = grid_axis(spec.steps, spec.span)
-    key = _spec_key(spec, batches)
-    part = (lambda n: partial_dir / f"{n}.npz") if partial_dir is not None else (lambda n: None)
-    curve, curve_acc = _evaluate(Surface(model, directions[:1], batches, loss_fn, spec.bn_mode), axis[:, None], spec, part("curve"), key)
-    surface = Surface(model, directions, batches, loss_fn, spec.bn_mode)
-    loss, acc = _evaluate(surface, grid_points([axis, axis]), spec, part("surface"), key)
-    shape = (len(axis), len(axis))
-    meta = {
-        **spec.settings(),
-        "directions": "Gaussian, filter-normalised per output filter (Li et al. 2018), not orthogonalised",
-        "samples": sum(len(y) for _, y in batches),
-        "data_sha256_16": key,
-        "device": str(device),
-        "engine": getattr(surface, "engine", spec.mode),
-        "seconds": round(time.perf_counter() - start, 3),
-        "points": len(axis) + len(axis) ** 2,
-    }
-    return Landscape(axis, axis, loss.reshape(shape), None if acc is None else acc.reshape(shape), curve, curve_acc, directions, meta)
-
-
-# --- the job against a run ----------------------------------------------------------------------------------
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+__all__ = ["Landscape", "LandscapeSpec", "artifacts", "compute_landscape", "load_module", "module_loss", "run_landscape"]
 
 
 def load_module(meta: dict, checkpoint: bytes, device: torch.device) -> nn.Module:
@@ -241,22 +100,45 @@ def artifacts(landscape: Landscape) -> dict[str, bytes]:
 
 
 def run_landscape(spec: LandscapeSpec, progress: Callable[[str], None] | None = print) -> Landscape:
-    """Compute the landscape of `spec.run_id` and log it to that run under `trainwatch/landscape/<name>/`."""
+    """Compute the landscape of `spec.run_id` and log it to that run under `trainwatch/landscape/<name>/`.
+
+    With `spec.devices > 1` it starts that many processes (one per GPU; gloo on CPU) that split the grid; under
+    `torchrun` it joins the process group torchrun set up. Only rank 0 logs.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if spec.devices > 1 and not launched and not _rank_world()[1] > 1:
+        return _spawn(spec, progress)
+    joined = launched and not dist.is_initialized()
+    if joined:
+        dist.init_process_group("nccl" if torch.cuda.is_available() and spec.device != "cpu" else "gloo")
+    try:
+        return _run(spec, progress)
+    finally:
+        if joined:
+            dist.destroy_process_group()
+
+
+def _run(spec: LandscapeSpec, progress: Callable[[str], None] | None) -> Landscape:
     from trainwatch.runs import RunStore
 
+    rank, world = _rank_world()
+    progress = progress if rank == 0 else None
     store = RunStore(spec.run_id, spec.tracking_uri)
     prefix = f"landscape/{spec.name}"
     params = {f"{prefix}/{k}": str(v) for k, v in spec.settings().items()}
     store.check_params(params)
     inputs, targets = export.read_eval(store.read(export.EVAL_DATA, "landscape evaluation data"))
     meta = json.loads(store.read(export.MODEL_JSON, "model class record"))
-    device = _device(spec.device)
+    device = _device(spec.device, rank, world)
     model = load_module(meta, store.read(export.CHECKPOINT, "checkpoint"), device)
     batches = batches_of(inputs, targets, spec.batch_size, device)
     partial = Path(spec.work_dir) / spec.run_id / spec.name
     if progress:
-        progress(f"trainwatch landscape: {len(inputs)} samples, {spec.steps}x{spec.steps} grid + {spec.steps}-point curve on {device}")
-    landscape = compute_landscape(model, batches, spec, module_loss(model, spec.loss), partial)
+        where = f"{world} processes" if world > 1 else str(device)
+        progress(f"trainwatch landscape: {len(inputs)} samples, {spec.steps}x{spec.steps} grid + {spec.steps}-point curve on {where}")
+    landscape = compute_landscape(model, batches, spec, module_loss(model, spec.loss), partial, progress=progress is not None)
+    if rank != 0:
+        return landscape
     files = {f"trainwatch/landscape/{spec.name}/{name}": data for name, data in artifacts(landscape).items()}
     store.write(files)
     metrics = {f"{prefix}/{k}": v for k, v in landscape.metrics(spec.sharpness_radius).items() if np.isfinite(v)}
@@ -264,5 +146,51 @@ def run_landscape(spec: LandscapeSpec, progress: Callable[[str], None] | None = 
     for leftover in partial.glob("*.npz"):
         leftover.unlink()
     if progress:
-        progress(f"trainwatch landscape: centre loss {landscape.centre:.4g}, {landscape.meta['seconds']} s; logged to run {spec.run_id}")
+        m = landscape.meta
+        progress(
+            f"trainwatch landscape: centre loss {landscape.centre:.4g}; {m['seconds']} s, {1000 * m['seconds_per_point']:.2f} ms per point "
+            f"(a plain forward: {1000 * m['floor_seconds_per_point']:.2f} ms); {_flops(m['achieved_flop_per_s'])} achieved vs "
+            f"{_flops(m['inference_flop_per_s'])} plain inference; logged to run {spec.run_id}"
+        )
     return landscape
+
+
+def _flops(rate: object) -> str:
+    return f"{rate / 1e9:.2f} GFLOP/s" if isinstance(rate, float) else "n/a FLOP/s"
+
+
+def _device(name: str, rank: int = 0, world: int = 1) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        if world > torch.cuda.device_count():
+            raise ValueError(f"{world} processes but {torch.cuda.device_count()} CUDA devices; pass --devices <= that, or --device cpu")
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _spawn(spec: LandscapeSpec, progress: Callable[[str], None] | None) -> Landscape:
+    """Start `spec.devices` processes on one machine (torch.multiprocessing + a TCP rendezvous on loopback)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_worker, args=(spec, port, tmp, progress is not None), nprocs=spec.devices, join=True)
+        return torch.load(Path(tmp) / "landscape.pt", weights_only=False)
+
+
+def _worker(rank: int, spec: LandscapeSpec, port: int, tmp: str, show: bool) -> None:
+    backend = "nccl" if torch.cuda.is_available() and spec.device != "cpu" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=spec.devices)
+    try:
+        landscape = _run(spec, print if show else None)
+        if rank == 0:
+            torch.save(landscape, Path(tmp) / "landscape.pt")
+    finally:
+        dist.destroy_process_group()
