@@ -22,6 +22,9 @@ from trainwatch._version import __version__
 from trainwatch.capture import Capture
 from trainwatch.groups import GroupPlan, activation_modules, bind, param_modules, plan_groups, resolve_names
 from trainwatch.landscape import export
+from trainwatch.landscape.compute import LandscapeSpec, batches_of, compute_landscape
+from trainwatch.landscape.job import artifacts as landscape_artifacts
+from trainwatch.landscape.job import module_loss
 from trainwatch.ops import ArtifactOp, ParamsOp, TagsOp
 from trainwatch.probes import dynamics
 from trainwatch.probes.cam_probe import CamProbe, balanced_probes
@@ -69,6 +72,10 @@ class TrainWatch(pl.Callback):
             the validation data, else the training data); 0 keeps none. At the end of `fit` the module class and a
             weights-only checkpoint are logged too, so the job needs nothing but the run id.
         landscape_data: explicit (inputs, targets) for the landscape instead of drawing them.
+        landscape_at_end: compute the loss landscape (random directions, `landscape_steps` points per axis) in
+            this process at the end of `fit` and log it to the run, instead of running `trainwatch landscape` later.
+        trajectory_every_n_epochs: log the parameters before training and every n epochs, for landscapes on
+            the principal directions of the training path (`trainwatch landscape RUN --directions pca`).
     """
 
     def __init__(
@@ -97,6 +104,9 @@ class TrainWatch(pl.Callback):
         cam_samples: int = 8,
         landscape_samples: int = 512,
         landscape_data: tuple[Tensor, Tensor] | None = None,
+        trajectory_every_n_epochs: int | None = None,
+        landscape_at_end: bool = False,
+        landscape_steps: int = 51,
     ) -> None:
         _positive("every_n_steps", every_n_steps)
         _positive("activations_every_n_steps", activations_every_n_steps)
@@ -105,6 +115,7 @@ class TrainWatch(pl.Callback):
         _positive("cam_every_n_epochs", cam_every_n_epochs)
         _positive("cam_every_n_steps", cam_every_n_steps)
         _positive("cam_samples", cam_samples)
+        _positive("trajectory_every_n_epochs", trajectory_every_n_epochs)
         if isinstance(cam_probes, Tensor) and cam_targets is None:
             raise ValueError("`TrainWatch(cam_probes=<tensor>)` needs `cam_targets=`: one true class index per probe.")
         if activations not in ("probe", "live", "off"):
@@ -140,6 +151,10 @@ class TrainWatch(pl.Callback):
             raise ValueError(f"`TrainWatch(landscape_samples={landscape_samples!r})` must be an integer >= 0 (0 keeps no data).")
         self.landscape_samples = landscape_samples
         self.landscape_data = landscape_data
+        self.trajectory_every_n_epochs = trajectory_every_n_epochs
+        self.landscape_at_end = landscape_at_end
+        self.landscape_spec = LandscapeSpec(steps=landscape_steps) if landscape_at_end else None  # checks the grid now
+        self._landscape_eval: tuple[Tensor, Tensor] | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -265,7 +280,14 @@ class TrainWatch(pl.Callback):
             self._start_cam(trainer, pl_module)
         if trainer.is_global_zero:
             self._export_eval_data(trainer)
+            if self.trajectory_every_n_epochs and trainer.current_epoch == 0:
+                self._snapshot_trajectory(pl_module, 0)
         self._throughput = dynamics.Throughput()
+
+    def _snapshot_trajectory(self, pl_module: pl.LightningModule, epochs_done: int) -> None:
+        """Parameters for PCA trajectories: one device→host copy per snapshot (once per n epochs)."""
+        if self.sink is not None:
+            self.sink.submit(ArtifactOp(*export.trajectory_snapshot(pl_module, epochs_done)))
 
     def _export_eval_data(self, trainer: pl.Trainer) -> None:
         """Ship the landscape's evaluation subset once; a run without one only loses the landscape (a warning)."""
@@ -281,8 +303,24 @@ class TrainWatch(pl.Callback):
                 ]
                 source, inputs, targets = export.draw_pairs(sources, self.landscape_samples)
             self.sink.submit(ArtifactOp(export.EVAL_DATA, export.eval_bytes(inputs, targets, source)))
+            self._landscape_eval = (inputs, targets) if self.landscape_at_end else None
         except ValueError as error:
             log.warning("trainwatch: no evaluation data for `trainwatch landscape`: %s", error)
+
+    def _landscape(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The landscape job, in this process, on the trained module and the evaluation subset kept at setup."""
+        if self._landscape_eval is None or self.sink is None or self.landscape_spec is None:
+            log.warning("trainwatch: landscape_at_end found no evaluation data (see the warning at setup); skipped.")
+            return
+        spec = self.landscape_spec
+        batches = batches_of(*self._landscape_eval, spec.batch_size, pl_module.device)
+        landscape = compute_landscape(pl_module, batches, spec, module_loss(pl_module, spec.loss))
+        for name, data in landscape_artifacts(landscape).items():
+            self.sink.submit(ArtifactOp(f"trainwatch/landscape/{spec.name}/{name}", data))
+        packer = Packer(trainer.global_step)
+        packer.host_metrics.update({f"landscape/{spec.name}/{k}": v for k, v in landscape.metrics(spec.sharpness_radius).items()})
+        self.sink.submit(packer.ship())
+        self.sink.submit(ParamsOp(tuple((f"landscape/{spec.name}/{k}", str(v)) for k, v in spec.settings().items())))
 
     def _export_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the module class and a weights-only checkpoint (every rank calls: saving is a collective)."""
@@ -327,6 +365,9 @@ class TrainWatch(pl.Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        n = self.trajectory_every_n_epochs
+        if n and trainer.is_global_zero and (trainer.current_epoch + 1) % n == 0:
+            self._snapshot_trajectory(pl_module, trainer.current_epoch + 1)
         if self._cam is None or self.sink is None or self.cam_every_n_epochs is None:
             return
         if (trainer.current_epoch + 1) % self.cam_every_n_epochs == 0:
@@ -447,6 +488,8 @@ class TrainWatch(pl.Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._export_model(trainer, pl_module)
+        if self.landscape_spec is not None and trainer.is_global_zero:
+            self._landscape(trainer, pl_module)
         if self.sink is not None:
             self.sink.flush()
 

@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     land = sub.add_parser("landscape", help="compute a run's loss landscape and log it to the run")
     land.add_argument("run_id")
     land.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, then sqlite:///mlflow.db")
-    land.add_argument("--name", default="random", help="folder under trainwatch/landscape/ (default: random)")
+    land.add_argument("--name", default=None, help="folder under trainwatch/landscape/ (default: the --directions kind)")
+    land.add_argument("--directions", choices=["random", "pca"], default="random", help="pca: the training path's principal plane")
     land.add_argument("--steps", type=int, default=51, help="points per axis, odd (default 51)")
     land.add_argument("--span", type=float, default=1.0, help="each axis covers [-span, span] (default 1)")
     land.add_argument("--seed", type=int, default=0)
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             spec = LandscapeSpec(
-                run_id=args.run_id, tracking_uri=args.tracking_uri, name=args.name, steps=args.steps, span=args.span, seed=args.seed,
+                run_id=args.run_id, tracking_uri=args.tracking_uri, name=args.name or args.directions, directions=args.directions, steps=args.steps, span=args.span, seed=args.seed,
                 mode=args.mode, bn_mode=args.bn_mode, ignore=args.ignore, loss=args.loss, batch_size=args.batch_size,
                 chunk=args.chunk, device=args.device, devices=args.devices,
             )  # fmt: skip

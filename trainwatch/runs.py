@@ -50,6 +50,13 @@ class RunStore:
                 ) from error
             return Path(local).read_bytes()
 
+    def files_in(self, folder: str) -> list[str]:
+        """Artifact paths directly under `folder` (empty when it does not exist)."""
+        try:
+            return [f.path for f in self.client.list_artifacts(self.run_id, folder) if not f.is_dir]
+        except (MlflowException, OSError):
+            return []
+
     def write(self, files: dict[str, bytes]) -> None:
         """Log each `{artifact path: bytes}` (replacing an earlier file of that path)."""
         with tempfile.TemporaryDirectory() as tmp:

@@ -87,3 +87,71 @@ def test_two_process_sharded_job_equals_the_single_process_job(store):
     np.testing.assert_allclose(sharded.curve, single.curve, rtol=1e-6)
     metrics = mlflow.MlflowClient(store).get_run(run_id).data.metrics
     assert metrics["landscape/two/centre_loss"] == pytest.approx(metrics["landscape/one/centre_loss"], rel=1e-6)
+
+
+def test_pca_trajectory_landscape(store, tmp_path):
+    pl.seed_everything(0, verbose=False)
+    logger = MLFlowLogger(experiment_name="landscape", tracking_uri=store)
+    watch = TrainWatch(every_n_steps=5, system_metrics=False, landscape_samples=64, trajectory_every_n_epochs=1)
+    trainer = pl.Trainer(
+        max_epochs=3, logger=logger, callbacks=[watch], enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, limit_train_batches=4,
+    )  # fmt: skip
+    module = DigitsCNN()
+    trainer.fit(module, DigitsData())
+    run_id = logger.run_id
+    landscape = run_landscape(LandscapeSpec(run_id=run_id, tracking_uri=store, steps=5, directions="pca"), progress=None)
+    client = mlflow.MlflowClient(store)
+    snapshots = sorted(f.path for f in client.list_artifacts(run_id, "trainwatch/trajectory"))
+    assert [s.rsplit("/", 1)[1] for s in snapshots] == [f"epoch-{e:05d}.safetensors" for e in range(4)]
+    # independent PCA of the path around the final weights (weights with more than one dimension only)
+    loaded = [load_file(client.download_artifacts(run_id, s, str(tmp_path))) for s in snapshots]
+    names = [n for n, p in module.named_parameters() if p.dim() > 1]
+    final = np.concatenate([module.state_dict()[n].numpy().ravel() for n in names]).astype(np.float64)
+    diffs = np.stack([np.concatenate([snap[n].numpy().ravel() for n in names]) - final for snap in loaded])
+    _, _, vt = np.linalg.svd(diffs - diffs.mean(0), full_matrices=False)
+    expect = diffs @ vt[:2].T
+    for j in range(2):  # principal directions are defined up to sign
+        sign = np.sign(expect[0, j]) * np.sign(landscape.trajectory[0, j])
+        np.testing.assert_allclose(landscape.trajectory[:, j], sign * expect[:, j], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(landscape.trajectory[-1], 0.0, atol=1e-9)  # the last snapshot is the trained model
+    d1, d2 = (torch.cat([d[n].reshape(-1).double() for n in names]) for d in landscape.directions)
+    assert d1.norm().item() == pytest.approx(1.0) and abs(torch.dot(d1, d2).item()) < 1e-9
+    assert landscape.alphas[-1] == pytest.approx(1.25 * np.abs(landscape.trajectory).max())
+    files = {f.path.rsplit("/", 1)[1] for f in client.list_artifacts(run_id, "trainwatch/landscape/pca")}
+    assert {"contour.png", "surface.npz", "surface.html"} <= files
+    saved = np.load(client.download_artifacts(run_id, "trainwatch/landscape/pca/surface.npz", str(tmp_path)))
+    np.testing.assert_allclose(saved["trajectory"], landscape.trajectory)
+    assert client.get_run(run_id).data.params["landscape/pca/directions"] == "pca"
+    ratio = landscape.meta["explained_variance_ratio"]
+    assert 0 < ratio[1] <= ratio[0] and sum(ratio) <= 1 + 1e-9
+
+
+def test_pca_without_snapshots_says_how_to_get_them(store):
+    run_id = _train(store, landscape_samples=32)
+    with pytest.raises(FileNotFoundError, match="trajectory_every_n_epochs=1"):
+        run_landscape(LandscapeSpec(run_id=run_id, tracking_uri=store, steps=3, directions="pca"), progress=None)
+
+
+def test_landscape_at_end_of_fit_lands_in_the_run(store):
+    pl.seed_everything(0, verbose=False)
+    watch = TrainWatch(tracking_uri=store, system_metrics=False, landscape_samples=48, landscape_at_end=True, landscape_steps=3)
+    trainer = pl.Trainer(
+        max_epochs=1, logger=False, callbacks=[watch], enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, limit_train_batches=5,
+    )  # fmt: skip
+    module, data = DigitsCNN(), DigitsData()
+    trainer.fit(module, data)
+    client = mlflow.MlflowClient(store)
+    run = client.get_run(watch.run_id)
+    assert run.info.status == "FINISHED"
+    x, y = next(iter(data.val_dataloader()))
+    module.eval()
+    with torch.no_grad():
+        expect = torch.nn.functional.cross_entropy(module(x[:48]), y[:48]).item()
+    assert run.data.metrics["landscape/random/centre_loss"] == pytest.approx(expect, rel=1e-5)
+    assert run.data.params["landscape/random/steps"] == "3"
+    files = {f.path.rsplit("/", 1)[1] for f in client.list_artifacts(watch.run_id, "trainwatch/landscape/random")}
+    assert {"surface.npz", "contour.png", "surface.html", "meta.json", "directions.safetensors"} <= files
+    with pytest.raises(ValueError, match="odd number"):
+        TrainWatch(landscape_at_end=True, landscape_steps=4)

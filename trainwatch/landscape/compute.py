@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,7 +41,8 @@ class LandscapeSpec:
 
     run_id: str = ""
     tracking_uri: str | None = None
-    name: str = "random"
+    name: str = "random"  # becomes "pca" with directions="pca" unless given
+    directions: Literal["random", "pca"] = "random"  # pca: principal directions of the training trajectory
     steps: int = 51  # points per axis (odd: the trained model is the centre)
     span: float = 1.0  # each axis covers [−span, span] in units of the filter-normalised direction
     seed: int = 0
@@ -58,11 +60,15 @@ class LandscapeSpec:
 
     def __post_init__(self) -> None:
         grid_axis(self.steps, self.span)  # odd steps, span > 0: fail before any work
+        if self.directions not in ("random", "pca"):
+            raise ValueError(f"directions must be 'random' or 'pca', got {self.directions!r}")
+        if self.directions == "pca" and self.name == "random":
+            object.__setattr__(self, "name", "pca")
         if self.chunk < 1 or self.batch_size < 1 or self.devices < 1:
             raise ValueError(f"chunk, batch_size and devices must be >= 1, got {self.chunk}, {self.batch_size}, {self.devices}")
 
     def settings(self) -> dict[str, object]:
-        keep = ("steps", "span", "seed", "norm", "ignore", "bn_mode", "loss", "sharpness_radius")
+        keep = ("directions", "steps", "span", "seed", "norm", "ignore", "bn_mode", "loss", "sharpness_radius")
         return {k: v for k, v in asdict(self).items() if k in keep}
 
 
@@ -78,6 +84,7 @@ class Landscape:
     curve_accuracy: np.ndarray | None
     directions: list[dict[str, Tensor]]
     meta: dict[str, object] = field(default_factory=dict)
+    trajectory: np.ndarray | None = None  # [T, 2] coordinates of training snapshots (PCA directions)
 
     @property
     def centre(self) -> float:
@@ -200,13 +207,15 @@ def compute_landscape(
     loss_fn: LossFn = default_loss,
     partial_dir: Path | None = None,
     progress: bool = False,
+    directions: list[dict[str, Tensor]] | None = None,
+    span: float | None = None,
 ) -> Landscape:
     """Directions from `spec.seed`, the 1-D curve along direction 1 and the 2-D grid; the model is restored
     bitwise. `partial_dir` keeps finished chunks so an interrupted job resumes where it stopped."""
     start = time.perf_counter()
     device = next(model.parameters()).device
-    directions = directions_for(model, 2, spec.seed, spec.norm, spec.ignore)
-    axis = grid_axis(spec.steps, spec.span)
+    directions = directions or directions_for(model, 2, spec.seed, spec.norm, spec.ignore)
+    axis = grid_axis(spec.steps, span or spec.span)
     key = _spec_key(spec, batches)
     part = (lambda n: partial_dir / f"{n}.npz") if partial_dir is not None else (lambda n: None)
     label = (lambda what: f"landscape {what}") if progress else (lambda what: "")
@@ -221,7 +230,10 @@ def compute_landscape(
     shape = (len(axis), len(axis))
     meta = {
         **spec.settings(),
-        "directions": "Gaussian, filter-normalised per output filter (Li et al. 2018), not orthogonalised",
+        "span": float(axis[-1]),
+        "direction_kind": "Gaussian, filter-normalised per output filter (Li et al. 2018), not orthogonalised"
+        if spec.directions == "random"
+        else "principal components of the training trajectory (unit vectors, not filter-normalised)",
         "samples": sum(len(y) for _, y in batches),
         "data_sha256_16": key,
         "device": str(device),

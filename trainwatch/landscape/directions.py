@@ -8,9 +8,10 @@ as in the equivalent Linear layer on one-hot inputs).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -76,3 +77,35 @@ def directions_for(model: nn.Module, count: int, seed: int, norm: Norm = "filter
     weights = dict(model.named_parameters())
     dims = filter_dims(model)
     return [random_direction(weights, generator, norm, ignore, dims) for _ in range(count)]
+
+
+def pca_directions(
+    snapshots: Sequence[Mapping[str, Tensor]], final: Mapping[str, Tensor], ignore: Ignore = "biasbn"
+) -> tuple[list[dict[str, Tensor]], np.ndarray, np.ndarray]:
+    """The two principal directions of the path θ_t − θ_final (Li et al. §7), and the path projected on them.
+
+    Returns (directions as unit vectors over all parameters, coordinates [T, 2] of every snapshot, explained
+    variance ratios [2]). With `ignore="biasbn"`, 1-D parameters are left out of the PCA (zero direction).
+    Coordinates are dot products with the unit directions: a point off the plane is shown at its projection.
+    """
+    names = [n for n, w in final.items() if not (ignore == "biasbn" and w.dim() <= 1)]
+    if len(snapshots) < 2:
+        raise ValueError(f"a PCA trajectory needs at least 2 snapshots, got {len(snapshots)}; train with trajectory_every_n_epochs")
+    flat_final = torch.cat([final[n].detach().double().reshape(-1).cpu() for n in names])
+    diffs = torch.stack([torch.cat([s[n].double().reshape(-1).cpu() for n in names]) - flat_final for s in snapshots])
+    centred = diffs - diffs.mean(0, keepdim=True)
+    _, singular, vh = torch.linalg.svd(centred, full_matrices=False)
+    components = vh[:2]
+    ratio = (singular[:2] ** 2 / (singular**2).sum().clamp_min(1e-300)).numpy()
+    coords = (diffs @ components.T).numpy()
+    directions = []
+    for component in components:
+        d, offset = {}, 0
+        for name, w in final.items():
+            if name in names:
+                d[name] = component[offset : offset + w.numel()].reshape(w.shape).to(w.device, w.dtype)
+                offset += w.numel()
+            else:
+                d[name] = torch.zeros_like(w)
+        directions.append(d)
+    return directions, coords, ratio

@@ -20,6 +20,7 @@ from trainwatch.probes._scope import preserved_rng
 EVAL_DATA = "trainwatch/landscape/eval.safetensors"
 MODEL_JSON = "trainwatch/model/model.json"
 CHECKPOINT = "trainwatch/model/last.ckpt"
+TRAJECTORY_DIR = "trainwatch/trajectory"
 MAX_EVAL_BYTES = 64 * 2**20  # the evaluation subset travels with the run: keep it small
 
 
@@ -60,6 +61,12 @@ def eval_bytes(inputs: Tensor, targets: Tensor, source: str) -> bytes:
 def read_eval(data: bytes) -> tuple[Tensor, Tensor]:
     tensors = load_safetensors(data)
     return tensors["inputs"], tensors["targets"]
+
+
+def trajectory_snapshot(module: nn.Module, epochs_done: int) -> tuple[str, bytes]:
+    """The parameters after `epochs_done` epochs, as (artifact path, safetensors bytes) for PCA trajectories."""
+    tensors = {name: p.detach().cpu().contiguous() for name, p in module.named_parameters()}
+    return f"{TRAJECTORY_DIR}/epoch-{epochs_done:05d}.safetensors", save_safetensors(tensors, metadata={"epochs": str(epochs_done)})
 
 
 def class_path(module: nn.Module) -> str:

@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from trainwatch.landscape import export
 from trainwatch.landscape.compute import Landscape, LandscapeSpec, _rank_world, batches_of, compute_landscape
+from trainwatch.landscape.directions import pca_directions
 from trainwatch.landscape.surface import LossFn, default_loss
 
 __all__ = ["Landscape", "LandscapeSpec", "artifacts", "compute_landscape", "load_module", "module_loss", "run_landscape"]
@@ -84,19 +86,29 @@ def artifacts(landscape: Landscape) -> dict[str, bytes]:
         arrays["accuracy"] = ls.accuracy
     if ls.curve_accuracy is not None:
         arrays["curve_accuracy"] = ls.curve_accuracy
+    if ls.trajectory is not None:
+        arrays["trajectory"] = ls.trajectory
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     directions = {f"d{i + 1}/{name}": t.detach().cpu().contiguous() for i, d in enumerate(ls.directions) for name, t in d.items()}
-    title = f"loss landscape (filter-normalised, seed {ls.meta.get('seed')})"
+    kind = "PCA of the trajectory" if ls.trajectory is not None else f"filter-normalised, seed {ls.meta.get('seed')}"
+    title = f"loss landscape ({kind})"
     return {
         "surface.npz": buffer.getvalue(),
         "directions.safetensors": save_safetensors(directions),
         "meta.json": json.dumps(ls.meta, indent=1, default=str).encode(),
         "curve.png": plot.curve_png(ls.alphas, ls.curve, ls.curve_accuracy, title),
-        "contour.png": plot.contour_png(ls.alphas, ls.betas, ls.loss, title),
+        "contour.png": plot.contour_png(ls.alphas, ls.betas, ls.loss, title, ls.trajectory, _trajectory_note(ls)),
         "surface.png": plot.surface_png(ls.alphas, ls.betas, ls.loss, title),
         "surface.html": plot.surface_html(ls.alphas, ls.betas, ls.loss, title, ls.accuracy).encode(),
     }
+
+
+def _trajectory_note(ls: Landscape) -> str | None:
+    if ls.trajectory is None:
+        return None
+    ratio = ls.meta.get("explained_variance_ratio") or [float("nan")] * 2
+    return f"training path projected on its 2 principal directions ({100 * ratio[0]:.0f}% + {100 * ratio[1]:.0f}% of its variance); points off the plane are projections"
 
 
 def run_landscape(spec: LandscapeSpec, progress: Callable[[str], None] | None = print) -> Landscape:
@@ -136,7 +148,15 @@ def _run(spec: LandscapeSpec, progress: Callable[[str], None] | None) -> Landsca
     if progress:
         where = f"{world} processes" if world > 1 else str(device)
         progress(f"trainwatch landscape: {len(inputs)} samples, {spec.steps}x{spec.steps} grid + {spec.steps}-point curve on {where}")
-    landscape = compute_landscape(model, batches, spec, module_loss(model, spec.loss), partial, progress=progress is not None)
+    directions, span, trajectory = None, None, None
+    if spec.directions == "pca":
+        directions, trajectory, explained = _trajectory_plane(store, model, spec)
+        span = 1.25 * float(np.abs(trajectory).max()) or spec.span  # the grid covers the whole path
+    loss_fn = module_loss(model, spec.loss)
+    landscape = compute_landscape(model, batches, spec, loss_fn, partial, progress=progress is not None, directions=directions, span=span)
+    if trajectory is not None:
+        landscape.trajectory = trajectory
+        landscape.meta["explained_variance_ratio"] = explained.tolist()
     if rank != 0:
         return landscape
     files = {f"trainwatch/landscape/{spec.name}/{name}": data for name, data in artifacts(landscape).items()}
@@ -153,6 +173,19 @@ def _run(spec: LandscapeSpec, progress: Callable[[str], None] | None) -> Landsca
             f"{_flops(m['inference_flop_per_s'])} plain inference; logged to run {spec.run_id}"
         )
     return landscape
+
+
+def _trajectory_plane(store: object, model: nn.Module, spec: LandscapeSpec) -> tuple[list[dict], np.ndarray, np.ndarray]:
+    """PCA directions of the run's trajectory snapshots around the final weights, and the projected path."""
+    paths = store.files_in(export.TRAJECTORY_DIR)  # type: ignore[attr-defined]
+    if len(paths) < 2:
+        raise FileNotFoundError(
+            f"run {spec.run_id} has {len(paths)} trajectory snapshots under {export.TRAJECTORY_DIR}/; train with "
+            "`TrainWatch(trajectory_every_n_epochs=1)` for PCA directions, or use the default random directions."
+        )
+    snapshots = [load_safetensors(store.read(path, "trajectory snapshot")) for path in sorted(paths)]  # type: ignore[attr-defined]
+    final = {name: p.detach() for name, p in model.named_parameters()}
+    return pca_directions(snapshots, final, spec.ignore)
 
 
 def _flops(rate: object) -> str:

@@ -8,7 +8,6 @@ models, K× the parameter memory). Losses stay on the device until a chunk is do
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -23,6 +22,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from trainwatch.probes._scope import untouched
 
 Mode = Literal["auto", "loop", "vmap"]
+VMAP_SAMPLES = 8192  # samples in one vmap call (points × batch size): bounds activation memory
+VMAP_PARAM_BYTES = 1 << 30  # stacked parameters of one vmap call
+PICK_POINTS = 4  # points each engine is timed on when mode="auto"
 BnMode = Literal["eval", "train"]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Batch = tuple[Tensor, Tensor]
@@ -91,30 +93,45 @@ class Surface:
         self.dirs = [[d[n].to(p.device, p.dtype) for n, p in zip(self.names, self.params, strict=True)] for d in directions]
         self.samples = sum(len(y) for _, y in self.batches)
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.params)
+        self.classifier: bool | None = None  # integer targets and [B, C] outputs: accuracy too; set at the first forward
+        # vmap evaluates points × batch samples at once: bound both the stacked parameters and the batch
+        largest_batch = max((len(y) for _, y in self.batches), default=1)
+        self.vmap_points = max(1, min(VMAP_SAMPLES // largest_batch, VMAP_PARAM_BYTES // max(self.param_bytes, 1)))
 
     # --- engines ------------------------------------------------------------------------------------------
     def _loop(self, coords: np.ndarray) -> tuple[Tensor, Tensor | None]:
-        device = self.params[0].device
-        losses = torch.zeros(len(coords), dtype=torch.float64, device=device)
-        correct = torch.zeros(len(coords), dtype=torch.float64, device=device)
-        has_acc = True
+        """Each point written into the model's own parameters (reset to θ₀, then + c_j·d_j: exact points, no drift)."""
+        totals: list[Tensor] = []
+        hits: list[Tensor] = []
         theta0 = [p.detach().clone() for p in self.params]
         try:
-            for k, point in enumerate(coords):
+            for point in coords:
                 torch._foreach_copy_(self.params, theta0)
                 for c, d in zip(point.tolist(), self.dirs, strict=True):
                     if c != 0.0:
                         torch._foreach_add_(self.params, d, alpha=c)
-                for x, y in self.batches:
-                    out = self.model(x)
-                    losses[k] += self.loss_fn(out, y).double() * len(y)
-                    hit = _correct(out, y)
-                    has_acc = has_acc and hit is not None
-                    if hit is not None:
-                        correct[k] += hit
+                loss, hit = self._point()
+                totals.append(loss)
+                hits.append(hit)
         finally:
             torch._foreach_copy_(self.params, theta0)  # bitwise: θ₀ itself, not θ₀ + 0·d
-        return losses / self.samples, (correct / self.samples if has_acc else None)
+        acc = torch.stack(hits).double() / self.samples if self.classifier else None
+        return torch.stack(totals).double() / self.samples, acc
+
+    def _point(self) -> tuple[Tensor, Tensor]:
+        """Summed loss and correct predictions over the evaluation batches at the model's current parameters."""
+        loss = hit = None
+        for x, y in self.batches:
+            out = self.model(x)
+            batch_loss = self.loss_fn(out, y).double() * len(y)  # float64 sums: a single batch gives its mean exactly
+            loss = batch_loss if loss is None else loss + batch_loss
+            if self.classifier is None:
+                self.classifier = _correct(out, y) is not None
+            if self.classifier:
+                batch_hit = _correct(out, y)
+                hit = batch_hit if hit is None else hit + batch_hit
+        assert loss is not None
+        return loss, (hit if hit is not None else torch.zeros((), device=loss.device))
 
     def _vmap(self, coords: np.ndarray) -> tuple[Tensor, Tensor | None]:
         from torch.func import functional_call, vmap
@@ -145,7 +162,8 @@ class Surface:
             loss, hit = batched(tuple(stacked), x, y)
             losses += loss.double() * len(y)
             correct += hit.double()
-        return losses / self.samples, (correct / self.samples if all(classifier) else None)
+        self.classifier = all(classifier)
+        return losses / self.samples, (correct / self.samples if self.classifier else None)
 
     # --- driver -------------------------------------------------------------------------------------------
     def evaluate(self, coords: np.ndarray, mode: Mode = "auto", chunk: int = 64) -> Iterator[tuple[slice, np.ndarray, np.ndarray | None]]:
@@ -170,7 +188,7 @@ class Surface:
                 start = timed[-1][0].stop
             self.engine = engine
             run = self._loop if engine == "loop" else self._vmap
-            size = chunk if engine == "vmap" else max(chunk, 1)
+            size = min(chunk, self.vmap_points) if engine == "vmap" else chunk
             while start < len(coords):
                 stop = min(start + size, len(coords))
                 losses, acc = run(coords[start:stop])
@@ -178,34 +196,32 @@ class Surface:
                 start = stop
 
     def _pick(self, coords: np.ndarray) -> tuple[str, list[tuple[slice, np.ndarray, np.ndarray | None]]]:
-        """Time the loop on a few points and vmap on the rest of the first chunk (after a warm-up each)."""
-        few = max(1, min(len(coords) // 4, 4))
+        """Time both engines on PICK_POINTS points each (after a one-point warm-up; vmap traces on its first
+        call) and keep the faster; the timed points are results, not waste."""
+        few = max(1, min(PICK_POINTS, len(coords) // 2))
         timed: list[tuple[slice, np.ndarray, np.ndarray | None]] = []
-        per_point = {}
-        for engine, part in (("loop", slice(0, few)), ("vmap", slice(few, len(coords)))):
-            if part.stop <= part.start:
-                continue
+        per_point: dict[str, float] = {}
+        parts = (("loop", slice(0, few)), ("vmap", slice(few, min(2 * few, len(coords)))))
+        for engine, part in parts:
             run = self._loop if engine == "loop" else self._vmap
             try:
-                run(coords[part.start : part.start + 1])  # warm-up (vmap traces on its first call)
+                if part.stop <= part.start:
+                    continue
+                run(coords[part.start : part.start + 1])
                 _sync(self.params[0].device)
                 t0 = time.perf_counter()
                 losses, acc = run(coords[part])
                 _sync(self.params[0].device)
             except (RuntimeError, NotImplementedError):
-                continue  # a module vmap cannot batch: the loop serves
+                continue  # a module vmap cannot batch (or out of memory): the loop serves
             per_point[engine] = (time.perf_counter() - t0) / (part.stop - part.start)
             timed.append((part, losses.cpu().numpy(), acc.cpu().numpy() if acc is not None else None))
-        if not timed or timed[0][0].start != 0:
-            losses, acc = self._loop(coords[:few])
-            timed.insert(0, (slice(0, few), losses.cpu().numpy(), acc.cpu().numpy() if acc is not None else None))
-            per_point.setdefault("loop", math.inf)
-        if len(timed) == 1 and few < len(coords):  # vmap failed: evaluate the rest of the chunk with the loop
-            losses, acc = self._loop(coords[few:])
-            timed.append((slice(few, len(coords)), losses.cpu().numpy(), acc.cpu().numpy() if acc is not None else None))
+        covered = timed[-1][0].stop if timed else 0
+        if "vmap" not in per_point and covered < parts[1][0].stop:  # vmap failed: the loop evaluates its points
+            losses, acc = self._loop(coords[covered : parts[1][0].stop])
+            timed.append((slice(covered, parts[1][0].stop), losses.cpu().numpy(), acc.cpu().numpy() if acc is not None else None))
         self.timings = per_point
-        best = min(per_point, key=per_point.get) if per_point else "loop"
-        return best, timed
+        return min(per_point, key=per_point.get) if per_point else "loop", timed
 
 
 def _sync(device: torch.device) -> None:
