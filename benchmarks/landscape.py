@@ -8,8 +8,8 @@ batch of `--samples` random inputs with random labels; a `--grid` x `--grid` pla
                    (fused in-place foreach ops), one forward per point
   ours-vmap        mode="vmap": torch.func.vmap over stacked parameters, `--chunk` points per call
                    (reported as skipped if vmap cannot batch the model)
-  ours-auto        mode="auto": times the first chunk both ways (a few points with the loop, the rest of the
-                   chunk with vmap), then keeps the faster engine for the rest
+  ours-auto        mode="auto": times each engine on 4 points after a one-point warm-up (the timed points are
+                   results), then keeps the faster engine for the rest; on a 3x3 grid that choice is most of the work
   loss-landscapes  loss_landscapes.random_plane(model, Loss(CrossEntropyLoss(), x, y), distance=1,
                    steps=--grid, normalization="filter", deepcopy_model=True): the same number of points
                    (its plane has no centre point and other semantics, see tests/landscape/test_reference.py;
