@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from trainwatch._version import __version__
 from trainwatch.capture import Capture
+from trainwatch.diagnose import Diagnosis, Thresholds, model_facts
 from trainwatch.groups import GroupPlan, activation_modules, bind, param_modules, plan_groups, resolve_names
 from trainwatch.landscape import export
 from trainwatch.landscape.compute import LandscapeSpec, batches_of, compute_landscape
@@ -28,6 +29,7 @@ from trainwatch.landscape.job import module_loss
 from trainwatch.ops import ArtifactOp, ParamsOp, TagsOp
 from trainwatch.probes import dynamics
 from trainwatch.probes.cam_probe import CamProbe, balanced_probes
+from trainwatch.probes.nonfinite import NonfiniteWatch
 from trainwatch.probes.probe_batch import check_forward, draw_inputs, first_loader
 from trainwatch.publish import Publisher, groups_artifact
 from trainwatch.record import Packer
@@ -74,6 +76,12 @@ class TrainWatch(pl.Callback):
         landscape_data: explicit (inputs, targets) for the landscape instead of drawing them.
         landscape_at_end: compute the loss landscape (random directions, `landscape_steps` points per axis) in
             this process at the end of `fit` and log it to the run, instead of running `trainwatch landscape` later.
+        diagnose: run the diagnosis rules (docs/diagnosis.md) on every record: `trainwatch/diagnosis.json`, the
+            run tags `trainwatch.health` and `trainwatch.findings`, a console warning per new finding.
+        diagnosis_thresholds: `trainwatch.diagnose.Thresholds` to change when the rules fire.
+        on_nonfinite: "warn" records the first step and layer with a NaN/Inf gradient (no sync); "skip_step" drops
+            that step's gradients so the optimizer leaves the weights alone; "stop" also ends training cleanly. The
+            last two read one flag per step (one host sync per step).
         trajectory_every_n_epochs: log the parameters before training and every n epochs, for landscapes on
             the principal directions of the training path (`trainwatch landscape RUN --directions pca`).
     """
@@ -107,6 +115,9 @@ class TrainWatch(pl.Callback):
         trajectory_every_n_epochs: int | None = None,
         landscape_at_end: bool = False,
         landscape_steps: int = 51,
+        diagnose: bool = True,
+        diagnosis_thresholds: Thresholds | None = None,
+        on_nonfinite: Literal["warn", "skip_step", "stop"] = "warn",
     ) -> None:
         _positive("every_n_steps", every_n_steps)
         _positive("activations_every_n_steps", activations_every_n_steps)
@@ -153,6 +164,9 @@ class TrainWatch(pl.Callback):
         self.landscape_data = landscape_data
         self.trajectory_every_n_epochs = trajectory_every_n_epochs
         self.landscape_at_end = landscape_at_end
+        if on_nonfinite not in ("warn", "skip_step", "stop"):
+            raise ValueError(f"`TrainWatch(on_nonfinite={on_nonfinite!r})` must be one of 'warn', 'skip_step', 'stop'.")
+        self.diagnose, self.diagnosis_thresholds, self.on_nonfinite = diagnose, diagnosis_thresholds, on_nonfinite
         self.landscape_spec = LandscapeSpec(steps=landscape_steps) if landscape_at_end else None  # checks the grid now
         self._landscape_eval: tuple[Tensor, Tensor] | None = None
         self._reset()
@@ -170,6 +184,7 @@ class TrainWatch(pl.Callback):
         self._due_step: int | None = None
         self._throughput = dynamics.Throughput()
         self._status = "FINISHED"
+        self._nonfinite: NonfiniteWatch | None = None
         self._cam: CamProbe | None = None
 
     @property
@@ -235,7 +250,10 @@ class TrainWatch(pl.Callback):
         spool.write_meta(uri, self.run_id)
         assert self.plan is not None
         b = bind(self.plan, trainer.lightning_module)
-        publisher = Publisher(list(b.param_names), list(b.act_names))
+        module = trainer.lightning_module
+        facts = model_facts(module, b.param_keys, b.act_names)
+        diagnosis = Diagnosis(facts, self.diagnosis_thresholds) if self.diagnose else None
+        publisher = Publisher(list(b.param_names), list(b.act_names), diagnosis=diagnosis)
         self.sink = MlflowSink(MlflowWriter(self._client, self.run_id), spool, publisher, self.queue_size, describe=f"MLflow at {uri}")
         self.sink.start()
         self.sink.submit(TagsOp((("trainwatch.version", __version__),)))
@@ -256,7 +274,10 @@ class TrainWatch(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.plan is not None
-        self._capture = Capture(bind(self.plan, pl_module), pl_module.device, self.distance_from_init)
+        binding = bind(self.plan, pl_module)
+        self._capture = Capture(binding, pl_module.device, self.distance_from_init)
+        if self.diagnose or self.on_nonfinite != "warn":  # every rank: "stop" and "skip_step" act on all of them
+            self._nonfinite = NonfiniteWatch(binding.params, self._capture.param_index, len(binding.param_keys), pl_module.device)
         if self.activations == "probe":
             try:
                 if self._probe_inputs is None:  # not restored from a checkpoint
@@ -429,14 +450,34 @@ class TrainWatch(pl.Callback):
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         step = trainer.global_step
-        if self._due_step == step or not (self._due(trainer, step) or self._act_due(trainer, step) or self._cam_due(step)):
-            return
-        self._due_step = step
-        if trainer.is_global_zero:
-            assert self._capture is not None
-            self._packer = Packer(step)
-            if self._due(trainer, step):
-                self._capture.gradients(self._packer)
+        acting = self.on_nonfinite != "warn"
+        watch = self._nonfinite if (acting or trainer.is_global_zero) else None  # "warn" needs it on rank zero only
+        bad = watch.check(step) if watch is not None else None
+        if self._due_step != step and (self._due(trainer, step) or self._act_due(trainer, step) or self._cam_due(step)):
+            self._due_step = step
+            if trainer.is_global_zero:
+                assert self._capture is not None
+                self._packer = Packer(step)
+                if self._due(trainer, step):
+                    self._capture.gradients(self._packer)
+                    if watch is not None:
+                        watch.pack(self._packer)
+        if acting and bad is not None and bool(bad):  # the one host sync per step these modes cost
+            self._act_on_nonfinite(trainer, step)
+
+    def _act_on_nonfinite(self, trainer: pl.Trainer, step: int) -> None:
+        """Skip this optimizer step (and stop, with "stop"); the finding is shipped now, not at the next logged step."""
+        assert self._nonfinite is not None
+        if trainer.is_global_zero and self.sink is not None and self._packer is None:
+            packer = Packer(step)  # not a logged step: ship the evidence now
+            self._nonfinite.pack(packer)
+            self.sink.submit(packer.ship())
+        self._nonfinite.skip_step()
+        if self.on_nonfinite == "stop":
+            trainer.should_stop = True
+            log.error("trainwatch: non-finite gradients at step %d; this step was skipped and training stops (on_nonfinite='stop').", step)
+        else:
+            log.warning("trainwatch: non-finite gradients at step %d; the optimizer step was skipped (on_nonfinite='skip_step').", step)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:

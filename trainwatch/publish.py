@@ -7,15 +7,19 @@ It accumulates arrays between flushes; it never touches tensors (records arrive 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from trainwatch.ops import ArtifactOp, ImageOp, MetricsOp, Op, npz_bytes
+from trainwatch.diagnose import Diagnosis
+from trainwatch.ops import ArtifactOp, ImageOp, MetricsOp, Op, TagsOp, npz_bytes
 from trainwatch.probes.activations import STAT_COLUMNS, histogram_labels
 from trainwatch.record import PendingRecord, Record
 from trainwatch.sink import is_flush
+
+log = logging.getLogger(__name__)
 
 PARAM_COLUMNS = ("grad_norm", "grad_max", "grad_nonfinite", "grad_zero_frac", "weight_norm", "update_norm", "numel")
 ARTIFACT_ROOT = "trainwatch"
@@ -59,7 +63,9 @@ class Publisher:
         rows_per_part: int = 200,
         render_every: int = 10,
         render_interval_s: float = 30.0,
+        diagnosis: Diagnosis | None = None,
     ) -> None:
+        self.diagnosis = diagnosis
         self.param_names, self.act_names = param_names, act_names
         self.params = _Table("stats/params", rows_per_part)
         self.acts = _Table("histograms/activations", rows_per_part)
@@ -88,6 +94,8 @@ class Publisher:
         ops: list[Op] = []
         if record.metrics:
             ops.append(MetricsOp(tuple((k, v, record.timestamp_ms, record.step) for k, v in sorted(record.metrics.items()))))
+        if self.diagnosis is not None and (record.metrics or record.arrays):
+            ops += self._diagnose(record)
         if "param_stats" in record.arrays and self.params.add(record.step, record.arrays["param_stats"]):
             ops += self._emit(self.params, full=True)
         if "activations" in record.arrays:
@@ -99,6 +107,33 @@ class Publisher:
         for method in methods:
             ops += self._cam_ops(record, method)
         return ops
+
+    def _diagnose(self, record: Record) -> list[Op]:
+        """Run the rules on this record; new findings are warned about once and saved with the run's tags."""
+        assert self.diagnosis is not None
+        fresh = self.diagnosis.observe(record.step, record.metrics, record.arrays)
+        counts = {k: v for k, v in self.diagnosis.counts().items() if v or k == "train/findings_total"}
+        ops: list[Op] = [MetricsOp(tuple((k, v, record.timestamp_ms, record.step) for k, v in sorted(counts.items())))]
+        for finding in fresh:
+            log.warning(
+                "trainwatch: %s %s at %s from step %d (%s). %s",
+                finding.severity,
+                finding.kind,
+                finding.group,
+                finding.first_step,
+                ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in finding.evidence.items()),
+                finding.advice,
+            )
+        return ops + self._diagnosis_ops(final=False) if fresh else ops
+
+    def _diagnosis_ops(self, final: bool) -> list[Op]:
+        assert self.diagnosis is not None
+        report = self.diagnosis.to_json(final)
+        kinds = sorted({f["kind"] for f in report["findings"]})  # type: ignore[index, union-attr]
+        return [
+            ArtifactOp(f"{ARTIFACT_ROOT}/diagnosis.json", json.dumps(report, indent=1, default=str).encode()),
+            TagsOp((("trainwatch.health", str(report["health"])), ("trainwatch.findings", ",".join(kinds) or "none"))),
+        ]
 
     def _cam_ops(self, record: Record, method: str) -> list[Op]:
         """Raw maps of the snapshot as an artifact, and the filmstrip so far as an image at this step."""
@@ -149,6 +184,8 @@ class Publisher:
     def _flush(self) -> list[Op]:
         """At a flush the open parts are written (and rewritten at the next flush), and the image redrawn."""
         ops = self._emit(self.params, full=False) + self._emit(self.acts, full=False)
+        if self.diagnosis is not None:
+            ops += self._diagnosis_ops(final=True)
         if self._act_records > self._rendered_at:
             ops.append(self._image(self._history_steps[-1], int(time.time() * 1000)))
         return ops

@@ -1,0 +1,170 @@
+"""Diagnosis: each rule on synthetic numbers, the fault zoo end to end, NaN localisation and on_nonfinite."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from tests.models import Classifier, blobs, loaders, trainer
+from trainwatch import TrainWatch
+from trainwatch.diagnose import KINDS, Diagnosis, ModelFacts, Thresholds
+from trainwatch.probes.activations import STAT_COLUMNS
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "faults"))
+import zoo
+
+GROUPS = ["in", "mid", "out"]
+
+
+def _feed(d: Diagnosis, records: list[dict], arrays: list[dict] | None = None) -> list:
+    fresh = []
+    for i, metrics in enumerate(records):
+        fresh += d.observe(2 * i, metrics, (arrays or [{}] * len(records))[i])
+    return fresh
+
+
+def test_vanishing_needs_patience_and_names_the_deepest_vanished_group():
+    d = Diagnosis(ModelFacts(GROUPS))
+    m = {"grad_norm/in": 1e-9, "grad_norm/mid": 1e-6, "grad_norm/out": 1.0}
+    assert _feed(d, [m, m]) == []  # patience 3
+    (f,) = d.observe(4, m, {})
+    assert (f.kind, f.group, f.first_step, f.severity) == ("vanishing_gradients", "mid", 4, "warning")
+    assert f.evidence["ratio_input_to_output"] == pytest.approx(1e-9)
+    healthy = Diagnosis(ModelFacts(GROUPS))
+    assert _feed(healthy, [{"grad_norm/in": 1e-3, "grad_norm/mid": 1e-2, "grad_norm/out": 1.0}] * 5) == []
+    lenient = Diagnosis(ModelFacts(GROUPS), Thresholds(vanishing_ratio=1e-12, patience=1))
+    assert _feed(lenient, [m] * 3) == []
+
+
+def test_exploding_by_growth_over_the_baseline_and_by_absolute_norm():
+    d = Diagnosis(ModelFacts(GROUPS))
+    calm = [{"train/grad_norm_total": v, "grad_norm/out": v} for v in (1.0, 2.0, 1.5, 1.0, 2.0)]
+    grown = {"train/grad_norm_total": 300.0, "grad_norm/out": 300.0}
+    assert _feed(d, [*calm, grown]) == []  # 200x the median 1.5, once: growth must persist for 2 records
+    (f,) = d.observe(20, grown, {})
+    assert f.kind == "exploding_gradients" and f.severity == "critical" and f.evidence["baseline_median"] == 1.5
+    first = Diagnosis(ModelFacts(GROUPS))
+    (g,) = first.observe(0, {"train/grad_norm_total": 5e4, "grad_norm/mid": 5e4, "grad_norm/out": 1.0}, {})
+    assert g.group == "mid" and g.first_step == 0  # absolute bound: at once, on the group with the largest norm
+
+
+def test_nonfinite_origin_is_the_deepest_group_flagged_at_the_first_step():
+    d = Diagnosis(ModelFacts(GROUPS))
+    arrays = {"nonfinite_first_step": np.array([7.0]), "nonfinite_first_groups": np.array([1.0, 1.0, 0.0])}
+    found = d.observe(8, {"train/nonfinite_steps": 1.0, "train_loss": math.nan}, arrays)
+    kinds = {(f.kind, f.group) for f in found}
+    assert kinds == {("nonfinite_gradients", "mid"), ("nonfinite_loss", "train_loss")}
+    grads = next(f for f in found if f.kind == "nonfinite_gradients")
+    assert grads.evidence["first_step"] == 7 and d.health == "critical"
+    counts = d.counts()
+    assert counts["train/findings_total"] == 2 and set(counts) == {f"train/findings/{k}" for k in KINDS} | {"train/findings_total"}
+
+
+def test_activation_and_update_rules_and_the_json():
+    facts = ModelFacts(GROUPS, act_names=["relu", "tanh"], act_kinds={"relu": "relu", "tanh": "tanh"})
+    d = Diagnosis(facts, Thresholds(patience=1))
+    row = dict.fromkeys(STAT_COLUMNS, 0.0)
+    relu = {**row, "dead": 80.0, "positions": 100.0}
+    tanh = {**row, "saturated": 90.0, "sat_numel": 100.0}
+    summaries = np.array([[r[c] for c in STAT_COLUMNS] for r in (relu, tanh)])
+    metrics = {"update_ratio/in": 0.5, "grad_norm/in": 1.0, "update_ratio/out": 1e-9, "grad_norm/out": 1.0}
+    found = d.observe(0, metrics, {"activations": summaries})
+    assert {(f.kind, f.group) for f in found} == {
+        ("dead_units", "relu"), ("saturated_activations", "tanh"), ("update_ratio_high", "in"), ("update_ratio_low", "out"),
+    }  # fmt: skip
+    report = json.loads(json.dumps(d.to_json(final=True)))
+    assert report["health"] == "warning" and report["final"] and len(report["findings"]) == 4
+    assert all(f["advice"] and f["evidence"] for f in report["findings"])
+
+
+def test_a_frozen_layer_between_trainable_ones_is_a_warning_a_frozen_prefix_is_info():
+    d = Diagnosis(ModelFacts(GROUPS, frozen=[("backbone", False), ("middle", True)]))
+    found = {f.group: f.severity for f in d.observe(0, {}, {})}
+    assert found == {"backbone": "info", "middle": "warning"} and d.health == "warning"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(zoo.SCENARIOS))
+def test_fault_zoo(name, store):
+    scenario = zoo.SCENARIOS[name]
+    report = zoo.run(name, store)
+    findings = report["findings"]
+    if not scenario.expect:
+        assert findings == [], f"false alarm on a healthy {name}: {findings}"
+        assert report["health"] == "ok"
+        return
+    for kind, group in scenario.expect:
+        matching = [f for f in findings if zoo.matches(f, kind, group)]
+        assert matching, f"{name}: expected {kind} at {group}, got {[(f['kind'], f['group']) for f in findings]}"
+        assert min(f["first_step"] for f in matching) <= scenario.onset + scenario.within
+    unexplained = [f for f in findings if not any(zoo.matches(f, k, g) for k, g in scenario.expect + scenario.also)]
+    assert unexplained == []
+    assert zoo.score(name, report)["found"] == len(scenario.expect)
+    run = mlflow.MlflowClient(store).search_runs([mlflow.MlflowClient(store).get_experiment_by_name("fault-zoo").experiment_id])[0]
+    assert run.data.tags["trainwatch.health"] == report["health"] != "ok"
+    assert set(run.data.tags["trainwatch.findings"].split(",")) == {f["kind"] for f in findings}
+    assert run.data.metrics["train/findings_total"] == len(findings)
+
+
+class NanAt(torch.autograd.Function):
+    """Identity forward; in backward, NaN gradients from the chosen step on (a fault inside one layer's backward)."""
+
+    step = -1
+    at = 5
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.nan if NanAt.step >= NanAt.at else grad
+
+
+class Planted(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        h = NanAt.apply(torch.relu(self.b(h)))  # NaN enters backward after c, before b
+        return self.c(h)
+
+
+class StepClock(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        NanAt.step = trainer.global_step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["warn", "skip_step", "stop"])
+def test_nan_is_located_at_its_step_and_layer_and_on_nonfinite_acts(mode, store, caplog):
+    torch.manual_seed(0)
+    train, _ = loaders(blobs(n=256), batch_size=16)
+    module = Classifier(Planted(), lr=1e-2)
+    watch = TrainWatch(every_n_steps=4, tracking_uri=store, system_metrics=False, landscape_samples=0, on_nonfinite=mode)
+    t = trainer(max_steps=12, callbacks=[StepClock(), watch])
+    t.fit(module, train)
+    client = mlflow.MlflowClient(store)
+    report = json.loads(Path(client.download_artifacts(watch.run_id, "trainwatch/diagnosis.json", str(Path.cwd()))).read_text())
+    nan = next(f for f in report["findings"] if f["kind"] == "nonfinite_gradients")
+    assert nan["group"] == "net.b" and nan["evidence"]["first_step"] == NanAt.at
+    weights_finite = all(torch.isfinite(p).all() for p in module.parameters())
+    if mode == "warn":
+        assert t.global_step == 12 and not weights_finite  # warned, not acted on: the NaN step reached the weights
+    elif mode == "skip_step":
+        assert t.global_step == 12 and weights_finite
+        assert client.get_run(watch.run_id).data.metrics["train/nonfinite_steps"] >= 12 - NanAt.at - 4
+    else:
+        # the step at NanAt.at ran without gradients (Lightning still counts it), then training stopped cleanly
+        assert t.global_step == NanAt.at + 1 and weights_finite
+        assert client.get_run(watch.run_id).info.status == "FINISHED"
+    assert report["final"] and report["health"] == "critical"
