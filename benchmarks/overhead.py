@@ -9,6 +9,8 @@ Arms:
   trainwatch-default  TrainWatch() at the trainer's log_every_n_steps (50), own run in a SQLite store
   trainwatch-every1   TrainWatch(every_n_steps=1)
   trainwatch-every1-actoff  TrainWatch(every_n_steps=1, activations="off") (not run unless named in --arms)
+  trainwatch-nodiagnose     TrainWatch(diagnose=False): no per-step non-finite check (not run unless named)
+  trainwatch-stop           TrainWatch(on_nonfinite="stop"): the per-step check plus one host sync per step (not run unless named)
   naive-mlflow        what users write today: mlflow.log_metric(grad norm) for every parameter, every step,
                       on the training thread, into a SQLite store
   wandb-default       wandb.watch(model, log="all", log_freq=50) in offline mode (+ wandb.log of the loss at
@@ -59,8 +61,12 @@ from _models import MODELS, Batches, loader, n_parameters
 
 from trainwatch import TrainWatch
 
-ALL_ARMS = ("bare", "trainwatch-default", "trainwatch-every1", "trainwatch-every1-actoff", "naive-mlflow", "wandb-default", "wandb-every1")
-DEFAULT_ARMS = tuple(a for a in ALL_ARMS if a != "trainwatch-every1-actoff")
+ALL_ARMS = (
+    "bare", "trainwatch-default", "trainwatch-every1", "trainwatch-every1-actoff", "trainwatch-nodiagnose", "trainwatch-stop",
+    "naive-mlflow", "wandb-default", "wandb-every1",
+)  # fmt: skip
+OPT_IN_ARMS = ("trainwatch-every1-actoff", "trainwatch-nodiagnose", "trainwatch-stop")  # run only when named in --arms
+DEFAULT_ARMS = tuple(a for a in ALL_ARMS if a not in OPT_IN_ARMS)
 LOG_EVERY_N_STEPS = 50
 DEFAULT_STEPS = {"small-cnn": 250, "resnet18": 50}  # measured steps: a multiple of 50, so the window holds steps/50 logged steps
 PER_STEP_WARMUP = 10
@@ -211,10 +217,12 @@ class Arm:
 
 
 def arms(tmp: Path) -> dict[str, Arm]:
-    def tw(every: int | None, activations: str = "probe") -> Callable[[Path], list[pl.Callback]]:
-        uri = f"sqlite:///{tmp}/tw-{every or 'default'}-{activations}.db"
+    def tw(every: int | None, activations: str = "probe", **extra: Any) -> Callable[[Path], list[pl.Callback]]:
+        uri = f"sqlite:///{tmp}/tw-{every or 'default'}-{activations}-{len(extra)}.db"
         return lambda d: [
-            TrainWatch(every_n_steps=every, activations=activations, tracking_uri=uri, system_metrics=False, spool_dir=str(d / "spool"))
+            TrainWatch(
+                every_n_steps=every, activations=activations, tracking_uri=uri, system_metrics=False, spool_dir=str(d / "spool"), **extra
+            )
         ]
 
     return {
@@ -222,6 +230,8 @@ def arms(tmp: Path) -> dict[str, Arm]:
         "trainwatch-default": Arm("trainwatch-default", LOG_EVERY_N_STEPS, tw(None)),
         "trainwatch-every1": Arm("trainwatch-every1", 1, tw(1)),
         "trainwatch-every1-actoff": Arm("trainwatch-every1-actoff", 1, tw(1, "off")),
+        "trainwatch-nodiagnose": Arm("trainwatch-nodiagnose", LOG_EVERY_N_STEPS, tw(None, diagnose=False)),
+        "trainwatch-stop": Arm("trainwatch-stop", LOG_EVERY_N_STEPS, tw(None, on_nonfinite="stop")),
         "naive-mlflow": Arm("naive-mlflow", 1, lambda d: [NaiveGradNorms(f"sqlite:///{tmp}/naive.db")]),
         "wandb-default": Arm("wandb-default", LOG_EVERY_N_STEPS, lambda d: [WandbWatch(str(d), LOG_EVERY_N_STEPS)]),
         "wandb-every1": Arm("wandb-every1", 1, lambda d: [WandbWatch(str(d), 1)]),

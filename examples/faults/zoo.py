@@ -5,7 +5,8 @@ Run one or all (each trains on the CPU for a few dozen steps and prints the diag
     .venv/bin/python examples/faults/zoo.py              # every scenario
     .venv/bin/python examples/faults/zoo.py dead_relu    # one
 
-Healthy baselines (residual CNN with BatchNorm, MLP with LayerNorm, GRU, a small transformer) must produce none.
+Healthy baselines (residual CNN with BatchNorm, MLP with LayerNorm, GRU, 2-layer LSTM, a small transformer, a CNN
+with GroupNorm and InstanceNorm) must produce none.
 Data are generated in code: separable blobs, images whose class shifts their mean, token sequences whose class is
 their most frequent token.
 """
@@ -119,6 +120,26 @@ class Recurrent(nn.Module):
         return self.head(self.gru(self.embed(x))[0][:, -1])
 
 
+class LSTMNet(nn.Module):
+    def __init__(self, vocab: int = 16, dim: int = 32, classes: int = 4) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim, dim, num_layers=2, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.lstm(self.embed(x))[0][:, -1]))
+
+
+def groupnorm_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.SiLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.InstanceNorm2d(16, affine=True), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4),
+    )  # fmt: skip
+
+
 def deep_sigmoid() -> nn.Module:
     layers: list[nn.Module] = []
     for _ in range(12):
@@ -212,6 +233,8 @@ SCENARIOS: dict[str, Scenario] = {
     "healthy_layernorm_mlp": Scenario(lambda: mlp(nn.GELU, norm=True), blobs, ()),
     "healthy_gru": Scenario(Recurrent, tokens, ()),
     "healthy_transformer": Scenario(Transformer, tokens, ()),
+    "healthy_lstm": Scenario(LSTMNet, tokens, ()),
+    "healthy_groupnorm_cnn": Scenario(groupnorm_cnn, images, ()),
 }
 
 
