@@ -29,12 +29,14 @@ def free_port() -> int:
 class MlflowServer:
     """`mlflow server --backend-store-uri sqlite:///<root>/mlflow.db --artifacts-destination <root>/artifacts`."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, backend_uri: str | None = None, workers: int = 1) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.store_uri = f"sqlite:///{self.root / 'mlflow.db'}"  # the same store, read directly (no server needed)
+        # the same store, read directly (no server needed); a PostgreSQL URI for the team-server tests
+        self.store_uri = backend_uri or f"sqlite:///{self.root / 'mlflow.db'}"
+        self.workers = workers
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
@@ -44,7 +46,7 @@ class MlflowServer:
             "--backend-store-uri", self.store_uri,
             "--artifacts-destination", str(self.root / "artifacts"),
             "--host", "127.0.0.1", "--port", str(self.port),
-            "--workers", "1",
+            "--workers", str(self.workers),
         ]  # fmt: skip
 
     def start(self, timeout_s: float = 120.0) -> MlflowServer:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ from trainwatch.probes.nonfinite import NonfiniteWatch
 from trainwatch.probes.probe_batch import check_forward, draw_inputs, first_loader
 from trainwatch.publish import Publisher, groups_artifact
 from trainwatch.record import Packer
+from trainwatch.report import ARCHITECTURE
 from trainwatch.sink import MlflowSink, MlflowWriter, Spool, create_run, end_run, open_client, start_system_metrics, tracking_uri_of
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,8 @@ class TrainWatch(pl.Callback):
         landscape_data: explicit (inputs, targets) for the landscape instead of drawing them.
         landscape_at_end: compute the loss landscape (random directions, `landscape_steps` points per axis) in
             this process at the end of `fit` and log it to the run, instead of running `trainwatch landscape` later.
+        report: build the run dashboard (`trainwatch/report.html`, see docs/dashboard.md) at the end of `fit`.
+        report_every_n_epochs: also rebuild it every n epochs, on a background thread (never the training one).
         diagnose: run the diagnosis rules (docs/diagnosis.md) on every record: `trainwatch/diagnosis.json`, the
             run tags `trainwatch.health` and `trainwatch.findings`, a console warning per new finding.
         diagnosis_thresholds: `trainwatch.diagnose.Thresholds` to change when the rules fire.
@@ -115,6 +119,8 @@ class TrainWatch(pl.Callback):
         trajectory_every_n_epochs: int | None = None,
         landscape_at_end: bool = False,
         landscape_steps: int = 51,
+        report: bool = True,
+        report_every_n_epochs: int | None = None,
         diagnose: bool = True,
         diagnosis_thresholds: Thresholds | None = None,
         on_nonfinite: Literal["warn", "skip_step", "stop"] = "warn",
@@ -167,6 +173,9 @@ class TrainWatch(pl.Callback):
         if on_nonfinite not in ("warn", "skip_step", "stop"):
             raise ValueError(f"`TrainWatch(on_nonfinite={on_nonfinite!r})` must be one of 'warn', 'skip_step', 'stop'.")
         self.diagnose, self.diagnosis_thresholds, self.on_nonfinite = diagnose, diagnosis_thresholds, on_nonfinite
+        self.report = report
+        _positive("report_every_n_epochs", report_every_n_epochs)
+        self.report_every_n_epochs = report_every_n_epochs
         self.landscape_spec = LandscapeSpec(steps=landscape_steps) if landscape_at_end else None  # checks the grid now
         self._landscape_eval: tuple[Tensor, Tensor] | None = None
         self._reset()
@@ -185,6 +194,8 @@ class TrainWatch(pl.Callback):
         self._throughput = dynamics.Throughput()
         self._status = "FINISHED"
         self._nonfinite: NonfiniteWatch | None = None
+        self._publisher: Publisher | None = None
+        self._report_thread: threading.Thread | None = None
         self._cam: CamProbe | None = None
 
     @property
@@ -254,6 +265,7 @@ class TrainWatch(pl.Callback):
         facts = model_facts(module, b.param_keys, b.act_names)
         diagnosis = Diagnosis(facts, self.diagnosis_thresholds) if self.diagnose else None
         publisher = Publisher(list(b.param_names), list(b.act_names), diagnosis=diagnosis)
+        self._publisher = publisher
         self.sink = MlflowSink(MlflowWriter(self._client, self.run_id), spool, publisher, self.queue_size, describe=f"MLflow at {uri}")
         self.sink.start()
         self.sink.submit(TagsOp((("trainwatch.version", __version__),)))
@@ -301,6 +313,9 @@ class TrainWatch(pl.Callback):
             self._start_cam(trainer, pl_module)
         if trainer.is_global_zero:
             self._export_eval_data(trainer)
+            if self.sink is not None:
+                sample = self._probe_inputs[:2] if self._probe_inputs is not None else None
+                self.sink.submit(ArtifactOp(ARCHITECTURE, export.architecture(pl_module, sample)))
             if self.trajectory_every_n_epochs and trainer.current_epoch == 0:
                 self._snapshot_trajectory(pl_module, 0)
         self._throughput = dynamics.Throughput()
@@ -386,6 +401,9 @@ class TrainWatch(pl.Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        k = self.report_every_n_epochs
+        if k and self.report and self.sink is not None and (trainer.current_epoch + 1) % k == 0:
+            self._report_in_background()
         n = self.trajectory_every_n_epochs
         if n and trainer.is_global_zero and (trainer.current_epoch + 1) % n == 0:
             self._snapshot_trajectory(pl_module, trainer.current_epoch + 1)
@@ -414,10 +432,37 @@ class TrainWatch(pl.Callback):
             self._monitor.finish()
             self._monitor = None
         if self.sink is not None:
+            if self._report_thread is not None:
+                self._report_thread.join(timeout=300)  # an in-between dashboard finishes before the final one
             self.sink.close()
+            if self.report and not len(self.sink.spool):
+                self._log_report()
             if self._own_run:
                 self._end_own_run()
             self.sink = None
+
+    def _report_in_background(self) -> None:
+        """Flush the sink and rebuild the dashboard on a thread of its own; one at a time, skipped while busy."""
+        if self._report_thread is not None and self._report_thread.is_alive():
+            return
+        sink = self.sink
+
+        def build() -> None:
+            if sink is not None and sink.flush(timeout=300):
+                self._log_report()
+
+        self._report_thread = threading.Thread(target=build, name="trainwatch-report", daemon=True)
+        self._report_thread.start()
+
+    def _log_report(self) -> None:
+        """Build the run dashboard from what reached MLflow and log it as trainwatch/report.html."""
+        from trainwatch.report import REPORT_PATH, build_report
+
+        try:
+            html = build_report([self.run_id], tracking_uri_of(self._client))  # type: ignore[list-item]
+            self._client.log_text(self.run_id, html, REPORT_PATH)
+        except Exception as error:  # noqa: BLE001 - the report must never fail a finished training
+            log.warning("trainwatch: the run dashboard was not built (%s); `trainwatch report %s` builds it later.", error, self.run_id)
 
     def _end_own_run(self) -> None:
         """End our run with its status, or leave the status in the spool for `trainwatch sync` to set once
@@ -528,6 +573,8 @@ class TrainWatch(pl.Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._publisher is not None:
+            self._publisher.final = True
         self._export_model(trainer, pl_module)
         if self.landscape_spec is not None and trainer.is_global_zero:
             self._landscape(trainer, pl_module)

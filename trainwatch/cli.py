@@ -1,9 +1,10 @@
-"""`trainwatch demo | landscape | sync`: the command line. Thin: parses arguments and calls the Python API."""
+"""`trainwatch demo | landscape | report | sync`: the command line. Thin: parses arguments and calls the Python API."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     land.add_argument("--chunk", type=int, default=64)
     land.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu, cuda, cuda:1, ...")
     land.add_argument("--devices", type=int, default=1, help="processes sharing the grid (one per GPU; gloo on CPU)")
+    report = sub.add_parser("report", help="build the run dashboard (one run, or two side by side)")
+    report.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="one run id, or two to compare")
+    report.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, then sqlite:///mlflow.db")
+    report.add_argument("--out", default=None, help="write the page to this file instead of logging it to the (first) run")
     sync = sub.add_parser("sync", help="deliver records spooled while the MLflow server was unreachable")
     sync.add_argument("spool_dir")
     args = parser.parse_args(argv)
@@ -39,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run_id = run_demo(args.tracking_uri, epochs=args.epochs)
         run_landscape(LandscapeSpec(run_id=run_id, tracking_uri=args.tracking_uri, steps=args.landscape_steps))
+        _report([run_id], args.tracking_uri, None)  # again, now with the landscape
         print(f"\ntrainwatch demo finished: run {run_id} in {args.tracking_uri}")
         print(f"Open the MLflow UI with:\n  .venv/bin/mlflow ui --backend-store-uri {args.tracking_uri} --port 5000")
         print("then browse http://127.0.0.1:5000 → experiment 'trainwatch-demo' → run 'digits-cnn' → Model metrics;")
@@ -58,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"trainwatch landscape: {error}", file=sys.stderr)
             return 1
         return 0
+    if args.command == "report":
+        return _report(args.run_ids, args.tracking_uri, args.out)
     if args.command == "sync":
         from trainwatch.sink import sync as sync_spool
 
@@ -70,6 +78,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"trainwatch sync: delivered {n} spooled operations from {args.spool_dir}")
         return 0
     return 2
+
+
+def _report(run_ids: list[str], tracking_uri: str | None, out: str | None) -> int:
+    from trainwatch.report import REPORT_PATH, build_report
+
+    if len(run_ids) > 2:
+        print("trainwatch report: give one run id, or two to compare", file=sys.stderr)
+        return 2
+    try:
+        html = build_report(run_ids, tracking_uri)
+        if out:
+            Path(out).write_text(html, encoding="utf-8")
+            print(f"trainwatch report: wrote {out} ({len(html) / 1e6:.2f} MB)")
+        else:
+            from trainwatch.runs import RunStore
+
+            RunStore(run_ids[0], tracking_uri).write({REPORT_PATH: html.encode()})
+            print(f"trainwatch report: logged {REPORT_PATH} to run {run_ids[0]} ({len(html) / 1e6:.2f} MB)")
+    except (ValueError, FileNotFoundError, ConnectionError) as error:
+        print(f"trainwatch report: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

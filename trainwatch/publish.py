@@ -66,6 +66,7 @@ class Publisher:
         diagnosis: Diagnosis | None = None,
     ) -> None:
         self.diagnosis = diagnosis
+        self.final = False  # set by the callback before the flush at the end of fit: diagnosis.json is then final
         self.param_names, self.act_names = param_names, act_names
         self.params = _Table("stats/params", rows_per_part)
         self.acts = _Table("histograms/activations", rows_per_part)
@@ -185,7 +186,7 @@ class Publisher:
         """At a flush the open parts are written (and rewritten at the next flush), and the image redrawn."""
         ops = self._emit(self.params, full=False) + self._emit(self.acts, full=False)
         if self.diagnosis is not None:
-            ops += self._diagnosis_ops(final=True)
+            ops += self._diagnosis_ops(final=self.final)
         if self._act_records > self._rendered_at:
             ops.append(self._image(self._history_steps[-1], int(time.time() * 1000)))
         return ops

@@ -121,3 +121,15 @@ def _with_text(mosaic: np.ndarray, labels: Sequence[tuple[float, float, str]], t
     for x, y, text in labels:
         draw.text((x, y + head), text, fill="black", anchor="ms")
     return np.asarray(canvas)
+
+
+def cam_tiles(inputs: np.ndarray, maps: np.ndarray | None, size: int = TILE) -> list[np.ndarray]:
+    """One uint8 RGB tile per probe: the input, or (with `maps` [K, *S] in [0, 1]) the CAM blended over it."""
+    lut = plt.get_cmap("inferno")
+    tiles = []
+    for k in range(len(inputs)):
+        tile = _resize(_rgb(inputs[k]), size)
+        if maps is not None:
+            tile = 0.45 * tile + 0.55 * lut(_resize(np.atleast_2d(maps[k]), size))[..., :3]
+        tiles.append((np.clip(tile, 0, 1) * 255).astype(np.uint8))
+    return tiles

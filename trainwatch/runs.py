@@ -57,6 +57,13 @@ class RunStore:
         except (MlflowException, OSError):
             return []
 
+    def folders_in(self, folder: str) -> list[str]:
+        """Artifact folders directly under `folder` (empty when it does not exist)."""
+        try:
+            return [f.path for f in self.client.list_artifacts(self.run_id, folder) if f.is_dir]
+        except (MlflowException, OSError):
+            return []
+
     def write(self, files: dict[str, bytes]) -> None:
         """Log each `{artifact path: bytes}` (replacing an earlier file of that path)."""
         with tempfile.TemporaryDirectory() as tmp:

@@ -83,3 +83,44 @@ def model_json(module: nn.Module) -> bytes:
     """Which class rebuilds the checkpoint, and whether a separate process can import it."""
     meta = {"class": class_path(module), "importable": model_json_importable(module), "trainwatch": __version__}
     return json.dumps(meta, indent=1).encode()
+
+
+def architecture(model: nn.Module, sample: Tensor | None) -> bytes:
+    """The module tree for the dashboard: name, type, depth, parameter counts and, when `sample` (a couple of
+    inputs) is given, each module's output shape from one forward on it, with the model left untouched."""
+    from trainwatch.probes._scope import untouched
+    from trainwatch.probes.activations import first_tensor
+
+    shapes: dict[str, list[int]] = {}
+    if sample is not None:
+        handles = []
+        for name, module in model.named_modules():
+
+            def hook(module: nn.Module, args: object, output: object, name: str = name) -> None:
+                out = first_tensor(output)
+                if out is not None:
+                    shapes.setdefault(name, list(out.shape))
+
+            handles.append(module.register_forward_hook(hook))
+        try:
+            with untouched(model):
+                model(sample)
+        except Exception:  # noqa: BLE001 - the tree without shapes is still worth having
+            shapes.clear()
+        finally:
+            for handle in handles:
+                handle.remove()
+    rows = []
+    for name, module in model.named_modules():
+        own = list(module.parameters(recurse=False))
+        rows.append(
+            {
+                "name": name or "(model)",
+                "type": type(module).__name__,
+                "depth": name.count(".") + 1 if name else 0,
+                "params": sum(p.numel() for p in module.parameters()),
+                "trainable": sum(p.numel() for p in own if p.requires_grad),
+                "out_shape": shapes.get(name),
+            }
+        )
+    return json.dumps(rows).encode()
