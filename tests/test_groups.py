@@ -54,9 +54,20 @@ def test_flat_model_with_too_many_blocks_is_grouped_in_ranges():
 
 def test_key_segments_are_valid_mlflow_keys_and_unique():
     assert key_segment("") == "_root"
-    assert key_segment("a[0]=b#c") == "a_0__b_c"
-    plan = plan_groups(["a[0]", "a_0_"], [], 300, 20)
-    assert [g.key for g in plan.groups] == ["a_0_", "a_0_-2"]
+    assert key_segment("a[0]=b#c") == "a_5b0_5d_3db_23c"
+    assert key_segment("x,y+z@w%v//u/t:s") == "x_2cy_2bz_40w_25v_2f_2fu_2ft_3as"
+    assert key_segment("ünï") == "_c3bcn_c3af" and key_segment("..") == "_2e_2e"
+    import re
+
+    from mlflow.utils.validation import _validate_metric_name
+
+    for name in ["a[0]", "/lead", "a//b", "x,y=z", "p#q@r%s", "..", "tab\tname"]:
+        segment = key_segment(name)
+        assert re.fullmatch(r"[A-Za-z0-9_\-. ]+", segment)
+        _validate_metric_name(f"grad_norm/{segment}")  # raises on a key MLflow rejects
+    plan = plan_groups(["a[0]", "a_5b0_5d"], [], 300, 20)
+    assert [g.key for g in plan.groups] == ["a_5b0_5d", "a_5b0_5d-2"]  # a clash gets a suffix; groups.json maps back
+    assert plan.to_json()["groups"][0]["param_modules"] == ["a[0]"]
 
 
 def test_bind_maps_parameters_to_their_group():

@@ -17,7 +17,7 @@ ACT_FAMILIES = ("act_mean", "act_std", "act_zero_frac", "act_saturated_frac")
 ROOT_GROUP = "_root"
 
 # MLflow accepts alphanumerics, `_ - . space : /` in metric keys; we keep `/` for the family separator only.
-_INVALID = re.compile(r"[^A-Za-z0-9_\-. :]")
+_INVALID = re.compile(r"[^A-Za-z0-9_\-. ]")  # what every MLflow server accepts in a key (Windows ones reject `:`)
 _SKIPPED_LEAVES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten)
 
 
@@ -54,8 +54,13 @@ class GroupPlan:
 
 
 def key_segment(module_name: str) -> str:
-    """A module name as a metric-key segment: the root module is `_root`; characters MLflow rejects become `_`."""
-    return ROOT_GROUP if module_name == "" else _INVALID.sub("_", module_name)
+    """A module name as a metric-key segment: the root module is `_root`; a character MLflow rejects (or `/`,
+    which would nest chart sections, or `:`) becomes `_` and its UTF-8 bytes in hex (`a[0]` -> `a_5b0_5d`).
+    Keys stay readable; `trainwatch/groups.json` maps every key back to its exact module names."""
+    if module_name == "":
+        return ROOT_GROUP
+    segment = _INVALID.sub(lambda m: "_" + m.group(0).encode().hex(), module_name)
+    return segment.replace(".", "_2e") if set(segment) == {"."} else segment  # `..` would resolve as a path
 
 
 def param_modules(model: nn.Module) -> list[str]:

@@ -201,3 +201,9 @@ def test_interrupted_job_resumes_from_partial_results(tmp_path):
 def test_bad_grid_settings_fail_before_any_work(steps, span, match):
     with pytest.raises(ValueError, match=match):
         LandscapeSpec(steps=steps, span=span)
+
+
+@pytest.mark.parametrize("name", ["../../escape", "/abs", "a/b", "", ".hidden", "x" * 65])
+def test_landscape_names_cannot_leave_their_folder(name):
+    with pytest.raises(ValueError, match="must not leave it"):
+        LandscapeSpec(name=name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -60,6 +61,11 @@ class LandscapeSpec:
 
     def __post_init__(self) -> None:
         grid_axis(self.steps, self.span)  # odd steps, span > 0: fail before any work
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", self.name):
+            raise ValueError(
+                f"landscape name {self.name!r}: use letters, digits, '_', '.', '-' (it names a folder in the run's artifacts, "
+                "trainwatch/landscape/<name>/, and must not leave it)"
+            )
         if self.directions not in ("random", "pca"):
             raise ValueError(f"directions must be 'random' or 'pca', got {self.directions!r}")
         if self.directions == "pca" and self.name == "random":
