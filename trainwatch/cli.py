@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ntrainwatch demo finished: run {run_id} in {args.tracking_uri}")
         print(f"Open the MLflow UI with:\n  .venv/bin/mlflow ui --backend-store-uri {args.tracking_uri} --port 5000")
         print("then browse http://127.0.0.1:5000 → experiment 'trainwatch-demo' → run 'digits-cnn' → Model metrics;")
-        print("the loss landscape is under Artifacts → trainwatch/landscape/random/ (surface.html is interactive).")
+        print("the dashboard is Artifacts → trainwatch/report.html; the loss landscape is under trainwatch/landscape/random/")
+        print("(surface.html is interactive); the diagnosis is trainwatch/diagnosis.json and the run tag trainwatch.health.")
         return 0
     if args.command == "landscape":
         from trainwatch.landscape.job import LandscapeSpec, run_landscape
