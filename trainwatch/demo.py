@@ -83,6 +83,7 @@ def run_demo(tracking_uri: str = DEFAULT_TRACKING_URI, epochs: int = 5, every_n_
     trainer = pl.Trainer(
         max_epochs=epochs, logger=logger, callbacks=[TrainWatch(every_n_steps=every_n_steps, cam_every_n_epochs=1, cam_methods=DEMO_CAM_METHODS)],
         log_every_n_steps=every_n_steps, enable_progress_bar=False, enable_model_summary=False, accelerator="auto",
+        enable_checkpointing=False,  # TrainWatch logs a weights-only checkpoint to the run itself
     )  # fmt: skip
     trainer.fit(DigitsCNN(), DigitsData(seed=seed))
     return logger.run_id
