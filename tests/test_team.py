@@ -74,3 +74,16 @@ def test_concurrent_watched_trainings_on_a_postgresql_server_lose_nothing(postgr
             count = conn.execute("SELECT count(*) FROM runs WHERE status = 'FINISHED'").fetchone()[0]
         assert count == jobs
         assert any((tmp_path / "server" / "artifacts").rglob("groups.json"))
+
+
+def test_jobs_starting_at_once_share_one_new_experiment(postgres_db, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trainwatch.sink import create_run
+
+    with MlflowServer(tmp_path / "server", backend_uri=postgres_db, workers=2) as server:
+        clients = [mlflow.MlflowClient(server.url) for _ in range(8)]
+        with ThreadPoolExecutor(8) as pool:  # lookup-then-create from 8 clients at once: some lose the race
+            run_ids = list(pool.map(lambda c: create_run(c, "fresh-experiment", None), clients))
+        runs = [clients[0].get_run(r) for r in run_ids]
+        assert len(set(run_ids)) == 8 and len({r.info.experiment_id for r in runs}) == 1

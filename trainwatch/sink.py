@@ -54,6 +54,13 @@ def open_client(tracking_uri: str) -> MlflowClient:
         client = MlflowClient(tracking_uri=tracking_uri)
         client.search_experiments(max_results=1)
     except Exception as error:
+        if isinstance(error, MlflowException) and error.error_code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            # the server answered: pointing at the URI or at starting a server would be the wrong fix
+            raise ConnectionError(
+                f"trainwatch was refused by the MLflow tracking server at {tracking_uri!r} (HTTP {error.get_http_status_code()} "
+                f"{error.error_code}): {str(error)[:300]}. Check the credentials: set MLFLOW_TRACKING_USERNAME and "
+                f"MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) to an account of that server with write access."
+            ) from error
         raise ConnectionError(
             f"trainwatch cannot reach the MLflow tracking store at {tracking_uri!r}: {type(error).__name__}: "
             f"{str(error)[:300]}. Check the URI ('http://host:port' for a server, 'sqlite:///path/mlflow.db' for a "
@@ -64,9 +71,18 @@ def open_client(tracking_uri: str) -> MlflowClient:
 
 
 def create_run(client: MlflowClient, experiment: str, run_name: str | None) -> str:
-    """Create a run in `experiment` (created if missing) and return its id."""
+    """Create a run in `experiment` (created if missing) and return its id. Many jobs may start at once against
+    one server: when another one created the experiment between our lookup and our create, use theirs."""
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+    if found is not None:
+        experiment_id = found.experiment_id
+    else:
+        try:
+            experiment_id = client.create_experiment(experiment)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS" or (found := client.get_experiment_by_name(experiment)) is None:
+                raise
+            experiment_id = found.experiment_id
     return client.create_run(experiment_id, run_name=run_name).info.run_id
 
 
@@ -98,9 +114,22 @@ def sync(spool_dir: str | Path) -> int:
     meta = spool.read_meta()
     client = open_client(meta["tracking_uri"])
     delivered = spool.replay(MlflowWriter(client, meta["run_id"]))
+    if len(spool):  # only artifacts and images the server's artifact store still refuses are left
+        raise RuntimeError(
+            f"{delivered} spooled operations were delivered, but the artifact store of {meta['tracking_uri']} still refuses "
+            f"{len(spool)} artifacts/images; they stay in {spool.directory}. Run `trainwatch sync {spool.directory}` again once "
+            f"the server stores artifacts (check its --artifacts-destination)."
+        )
     if meta.get("end_status"):
         end_run(client, meta["run_id"], meta["end_status"])
     return delivered
+
+
+class ArtifactStoreError(Exception):
+    """The tracking server answers, but an artifact or image upload failed (its artifact store cannot write).
+
+    Not an outage, and not a refusal of the op itself: the op waits in the spool (behind it, every later artifact
+    and image, to keep their order) while metrics, params and tags go on being delivered."""
 
 
 class Spool:
@@ -188,11 +217,14 @@ class Spool:
     def replay(self, deliver: Callable[[Op], None]) -> int:
         """Deliver spooled ops in order; on failure keep the undelivered rest and re-raise. Returns the number
         delivered. An entry that cannot be read back (a line torn by a crash, a missing blob) can never be
-        delivered: it is logged and skipped rather than blocking everything after it."""
+        delivered: it is logged and skipped rather than blocking everything after it. An artifact or image the
+        artifact store refuses (`ArtifactStoreError`) stays, and so does every artifact and image after it (a later
+        version of a file must not be overwritten by an earlier one); the other ops after it are delivered."""
         if not self.index.exists():
             return 0
         lines = self.index.read_text().splitlines()
         delivered = 0
+        kept: list[str] = []
         for i, line in enumerate(lines):
             try:
                 entry = json.loads(line)
@@ -202,15 +234,24 @@ class Spool:
                     "trainwatch: entry %d of %s cannot be read (%s: %s); it is skipped.", i + 1, self.index, type(error).__name__, error
                 )
                 continue
+            if kept and isinstance(op, (ArtifactOp, ImageOp)):
+                kept.append(line)
+                continue
             try:
                 deliver(op)
+            except ArtifactStoreError:
+                kept.append(line)
+                continue
             except Exception:
-                self._rewrite(lines[i:])
+                self._rewrite(kept + lines[i:])
                 raise
             delivered += 1
             if "blob" in entry:
                 (self.directory / entry["blob"]).unlink(missing_ok=True)
-        self.index.unlink()
+        if kept:
+            self._rewrite(kept)
+        else:
+            self.index.unlink()
         return delivered
 
     def _rewrite(self, lines: Sequence[str]) -> None:
@@ -256,10 +297,10 @@ class MlflowWriter:
             )
         elif isinstance(op, ArtifactOp):
             directory, _, name = op.path.rpartition("/")
-            self._one(f"artifact {op.path!r}", lambda: _log_bytes(c, run, directory, name, op.data))
+            self._one(f"artifact {op.path!r}", lambda: _log_bytes(c, run, directory, name, op.data), stored=True)
         elif isinstance(op, ImageOp):
             send = lambda: c.log_image(run, op.image, key=op.key, step=op.step, timestamp=op.timestamp_ms, synchronous=True)
-            self._one(f"image {op.key!r} at step {op.step}", send)
+            self._one(f"image {op.key!r} at step {op.step}", send, stored=True)
         elif isinstance(op, TagsOp):
             self._split("tag", list(op.tags), lambda ts: c.log_batch(run, tags=[RunTag(k, v) for k, v in ts], synchronous=True))
         elif isinstance(op, ParamsOp):
@@ -287,13 +328,29 @@ class MlflowWriter:
                 self.refused_keys.add(items[0][0])
             self._refuse(f"{kind} {items[0][0]!r}", error)
 
-    def _one(self, what: str, send: Callable[[], object]) -> None:
+    def _one(self, what: str, send: Callable[[], object], stored: bool = False) -> None:
+        """Send one op; `stored`: an artifact or image, whose failure while the tracking API answers is the artifact
+        store's (e.g. a server whose --artifacts-destination cannot be written): `ArtifactStoreError`, not an outage."""
         try:
             send()
         except Exception as error:
-            if not refused(error):
-                raise
-            self._refuse(what, error)
+            if refused(error):
+                self._refuse(what, error)
+                return
+            if stored and self._tracking_answers():
+                raise ArtifactStoreError(f"{what} ({type(error).__name__}: {str(error)[:300]})") from error
+            raise
+
+    def _tracking_answers(self) -> bool:
+        """True if the tracking API answers for this run; tried twice, as a failed upload can leave a pooled
+        connection that the server has closed."""
+        for _ in range(2):
+            try:
+                self.client.get_run(self.run_id)
+                return True
+            except Exception:  # noqa: BLE001 - any failure: not known to answer
+                continue
+        return False
 
     def _refuse(self, what: str, error: Exception) -> None:
         self.refused += 1
@@ -348,6 +405,8 @@ class MlflowSink:
         self._retry_after_s = retry_after_s
         self._describe = describe
         self._down_since: float | None = None
+        self._held: str | None = None  # the artifact store's last error while artifacts and images wait in the spool
+        self._warned_held = False
         self._next_try = 0.0
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -409,7 +468,13 @@ class MlflowSink:
         left = len(self.spool)
         if not left and (self._thread is None or not self._thread.is_alive()):
             self.spool.remove_if_delivered()  # nothing waits: no directory left behind per run
-        if left:
+        if left and self._down_since is None and self._held is not None:
+            warnings.warn(
+                f"trainwatch: {self._describe} did not store {left} artifacts/images ({self._held}); they are kept in "
+                f"{self.spool.directory}. Deliver them once its artifact store works with: trainwatch sync {self.spool.directory}",
+                stacklevel=2,
+            )
+        elif left:
             warnings.warn(
                 f"trainwatch: {self._describe} was unreachable ({self.last_error}); {left} operations are kept in "
                 f"{self.spool.directory}. Deliver them when it is back with: trainwatch sync {self.spool.directory}",
@@ -456,7 +521,7 @@ class MlflowSink:
             if pending and (item is None or self._idle()):
                 ops, pending = pending, []
                 self._safe_deliver(ops)
-            elif item is None and self._down_since is not None:
+            elif item is None and (self._down_since is not None or self._held is not None):
                 self._safe_deliver([])  # retry the spool while idle
 
     def _safe_publish(self, item: object) -> list[Op]:
@@ -476,26 +541,54 @@ class MlflowSink:
 
     def _deliver(self, ops: list[Op], final: bool = False) -> None:
         ops = batched(ops)
-        if self._down_since is not None:
-            if not final and time.monotonic() < self._next_try:
+        if self._down_since is not None or self._held is not None:
+            due = final or time.monotonic() >= self._next_try
+            if self._down_since is not None and not due:
                 self.stats.spooled_ops += self.spool.append(ops)
                 return
-            try:
-                self.stats.replayed_ops += self.spool.replay(self._deliver_op)
-            except Exception as error:  # noqa: BLE001
-                self._went_down(error)
-                self.stats.spooled_ops += self.spool.append(ops)
-                return
-            log.warning("trainwatch: %s is reachable again; spooled operations delivered.", self._describe)
-            self._down_since = None
+            if due:
+                try:
+                    self.stats.replayed_ops += self.spool.replay(self._send)
+                except Exception as error:  # noqa: BLE001
+                    self._went_down(error)
+                    self.stats.spooled_ops += self.spool.append(ops)
+                    return
+                if self._down_since is not None:
+                    log.warning("trainwatch: %s is reachable again; spooled operations delivered.", self._describe)
+                    self._down_since = None
+                if not len(self.spool):
+                    self._held = None  # the artifact store took what waited
+                self._next_try = time.monotonic() + self._retry_after_s
         for i, op in enumerate(ops):
+            if self._held is not None and isinstance(op, (ArtifactOp, ImageOp)):
+                self.stats.spooled_ops += self.spool.append([op])  # behind the held ones: files keep their order
+                continue
             try:
-                self._deliver_op(op)
+                self._send(op)
                 self.stats.delivered_ops += 1
+            except ArtifactStoreError:
+                self.stats.spooled_ops += self.spool.append([op])
             except Exception as error:  # noqa: BLE001
                 self._went_down(error)
                 self.stats.spooled_ops += self.spool.append(ops[i:])
                 return
+
+    def _send(self, op: Op) -> None:
+        """Deliver one op; an artifact store that refuses it puts the sink in the holding state (one warning)."""
+        try:
+            self._deliver_op(op)
+        except ArtifactStoreError as error:
+            self._held = str(error)
+            self._next_try = time.monotonic() + self._retry_after_s
+            if not self._warned_held:
+                self._warned_held = True
+                warnings.warn(
+                    f"trainwatch: {self._describe} answers but did not store {error}. Training continues and metrics, "
+                    f"params and tags are delivered; artifacts and images wait in {self.spool.directory} and are delivered "
+                    f"when its artifact store takes them again (or with `trainwatch sync {self.spool.directory}`).",
+                    stacklevel=1,
+                )
+            raise
 
     def _went_down(self, error: Exception) -> None:
         self.stats.failures += 1
