@@ -79,30 +79,38 @@ def drop(name: str) -> None:
 
 
 def request_latency(requests: int = 200) -> None:
-    """Median and p90 ms of the small requests trainwatch sends (a 50-value log_batch), per server worker count,
-    servers started one after the other on the same kind of backend."""
+    """Median and p90 ms of the small requests trainwatch sends (a 50-value log_batch; a get_run read), per server
+    worker count and backend, servers started one after the other, each on a fresh store."""
     from mlflow.entities import Metric
 
-    for workers in (1, 2, 4):
-        backend, db = postgres_uri()
-        with tempfile.TemporaryDirectory() as tmp:
-            server = MlflowServer(Path(tmp) / "server", backend_uri=backend, workers=workers).start()
-            try:
-                client = mlflow.MlflowClient(server.url)
-                run_id = client.create_run(client.create_experiment("latency")).info.run_id
-                times = []
-                for i in range(requests):
-                    batch = [Metric(f"m{k}", float(k), 0, i) for k in range(50)]
-                    t0 = time.perf_counter()
-                    client.log_batch(run_id, metrics=batch)
-                    times.append((time.perf_counter() - t0) * 1000)
-                print(
-                    f"--workers {workers}: log_batch of 50 values, median {np.median(times):.1f} ms, p90 {np.percentile(times, 90):.1f} ms ({'PostgreSQL' if backend else 'SQLite'})"
-                )
-            finally:
-                server.stop()
-                if db:
-                    drop(db)
+    for backend_kind in ("PostgreSQL", "SQLite"):
+        for workers in (1, 2, 4):
+            backend, db = postgres_uri() if backend_kind == "PostgreSQL" else (None, None)
+            if backend_kind == "PostgreSQL" and backend is None:
+                print("PostgreSQL is not reachable on 127.0.0.1:5432: skipped")
+                break
+            with tempfile.TemporaryDirectory() as tmp:
+                server = MlflowServer(Path(tmp) / "server", backend_uri=backend, workers=workers).start()
+                try:
+                    client = mlflow.MlflowClient(server.url)
+                    run_id = client.create_run(client.create_experiment("latency")).info.run_id
+                    writes, reads = [], []
+                    for i in range(requests):
+                        batch = [Metric(f"m{k}", float(k), 0, i) for k in range(50)]
+                        t0 = time.perf_counter()
+                        client.log_batch(run_id, metrics=batch)
+                        t1 = time.perf_counter()
+                        client.get_run(run_id)
+                        writes.append((t1 - t0) * 1000)
+                        reads.append((time.perf_counter() - t1) * 1000)
+                    print(
+                        f"{backend_kind:10s} --workers {workers}: log_batch of 50 values median {np.median(writes):6.1f} ms "
+                        f"(p90 {np.percentile(writes, 90):6.1f}); get_run median {np.median(reads):6.1f} ms (p90 {np.percentile(reads, 90):6.1f})"
+                    )
+                finally:
+                    server.stop()
+                    if db:
+                        drop(db)
 
 
 def main() -> None:

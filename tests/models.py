@@ -70,3 +70,13 @@ def trainer(**kwargs) -> pl.Trainer:
     )  # fmt: skip
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+class StepCounter(pl.Callback):
+    """Counts training batches started: 0 proves a setup error came before the first step."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.batches += 1

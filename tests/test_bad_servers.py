@@ -27,7 +27,7 @@ import pytorch_lightning as pl
 from mlflow.tracking import MlflowClient
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from tests.models import Classifier, blobs, loaders, mlp, trainer
+from tests.models import Classifier, StepCounter, blobs, loaders, mlp, trainer
 from tests.servers import MlflowServer
 from trainwatch import TrainWatch
 from trainwatch.sink import HTTP_RETRIES, HTTP_TIMEOUT_S
@@ -46,14 +46,6 @@ def trainwatch_http_defaults(monkeypatch):
     for name in HTTP_SETTINGS:
         monkeypatch.setenv(name, "")  # records the original value (or its absence) for the undo
         monkeypatch.delenv(name)
-
-
-class StepCounter(pl.Callback):
-    def __init__(self) -> None:
-        self.batches = 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches += 1
 
 
 def fit(watch: TrainWatch, *callbacks: pl.Callback, steps: int) -> pl.Trainer:
@@ -113,7 +105,7 @@ def server_500() -> Iterator[ThreadingHTTPServer]:
         thread.join(10)
 
 
-def test_server_answering_500_to_everything_fails_at_setup_within_a_minute(server_500, tmp_path, monkeypatch):
+def test_server_answering_500_to_everything_fails_at_setup_after_a_bounded_number_of_requests(server_500, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"http://127.0.0.1:{server_500.server_address[1]}"
     counter = StepCounter()
@@ -129,7 +121,6 @@ def test_server_answering_500_to_everything_fails_at_setup_within_a_minute(serve
     assert "500" in message  # what the server said
     assert "TrainWatch(tracking_uri=...)" in message and "start the server" in message.lower()  # the fix
     assert counter.batches == 0
-    assert elapsed < 60, f"setup against a server answering 500 took {elapsed:.0f} s"
     assert server_500.requests >= 1
     # trainwatch's short HTTP setup bounded it: 1 request + HTTP_RETRIES retries, HTTP_TIMEOUT_S s each at most
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == HTTP_RETRIES
@@ -192,6 +183,7 @@ def test_artifact_store_refusing_writes_keeps_artifacts_in_the_spool_until_sync(
         refused = subprocess.run([str(TRAINWATCH), "sync", str(spool_dir)], capture_output=True, text=True, timeout=300)
         assert refused.returncode == 1, refused.stdout + refused.stderr
         assert "still refuses" in refused.stderr and f"trainwatch sync {spool_dir}" in refused.stderr
+        assert "were delivered and left the spool" in refused.stderr and "Nothing was removed" not in refused.stderr
         assert len((spool_dir / "ops.jsonl").read_text().splitlines()) == len(kept)
 
         # the destination fixed (a directory now) and the server restarted: sync delivers everything once
@@ -353,3 +345,116 @@ def test_replay_keeps_refused_artifacts_in_order_and_delivers_the_rest(tmp_path)
     assert spool.replay(delivered.append) == 3
     assert delivered == [ArtifactOp("a.json", b"v1"), ArtifactOp("a.json", b"v2"), metrics(2)]
     assert spool_files(tmp_path / "spool") == []
+
+
+# --- 4. an account that may read but not write ------------------------------------------------------------
+
+READER, READER_PASSWORD = "reader", f"pw-{secrets.token_hex(12)}"
+
+
+@pytest.fixture
+def login(monkeypatch):
+    """Log this process in as `user` (the environment variables MLflow's clients read); undone after the test."""
+
+    def switch(user: str, password: str) -> None:
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+
+    return switch
+
+
+def _experiment_with_reader(server: BasicAuthServer, name: str) -> tuple[str, object]:
+    """As admin: create the user `reader` (once) and an experiment; the reader gets the server's default, READ."""
+    from mlflow.server import get_app_client
+
+    auth = get_app_client("basic-auth", tracking_uri=server.url)
+    try:
+        auth.create_user(READER, READER_PASSWORD)
+    except Exception as error:  # noqa: BLE001 - created by an earlier test of this module
+        assert "already exists" in str(error).lower() or "RESOURCE_ALREADY_EXISTS" in str(error), error
+    return MlflowClient(server.url).create_experiment(name), auth
+
+
+def test_read_only_account_fails_at_setup_naming_the_account_and_the_fix(auth_server, tmp_path, monkeypatch, login):
+    monkeypatch.chdir(tmp_path)
+    login(ADMIN, PASSWORD)
+    _experiment_with_reader(auth_server, "team-shared")
+    login(READER, READER_PASSWORD)
+    counter = StepCounter()
+    watch = TrainWatch(
+        every_n_steps=1,
+        tracking_uri=auth_server.url,
+        experiment_name="team-shared",
+        system_metrics=False,
+        spool_dir=str(tmp_path / "spool"),
+    )
+    with pytest.raises(MisconfigurationException) as info:
+        fit(watch, counter, steps=5)
+
+    message = str(info.value)
+    print(message)
+    assert "403" in message and "PERMISSION_DENIED" in message
+    assert "'team-shared'" in message and repr(auth_server.url) in message and "'reader'" in message
+    assert "EDIT permission" in message and "experiment_name=" in message  # the ways out
+    assert READER_PASSWORD not in message
+    assert counter.batches == 0 and not (tmp_path / "spool").exists()
+
+
+class RevokeAt(pl.Callback):
+    """At `step`, once what was logged so far is delivered, the admin takes the reader's EDIT permission on the
+    experiment away (the server default, READ, is left)."""
+
+    def __init__(self, step: int, watch: TrainWatch, revoke: object) -> None:
+        self.step, self.watch, self.revoke, self.done = step, watch, revoke, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and not self.done:
+            self.done = True
+            assert self.watch.sink is not None and self.watch.sink.flush(timeout=60)
+            self.revoke()
+
+
+def test_permission_revoked_mid_run_spools_with_one_warning_and_sync_delivers_once(auth_server, tmp_path, monkeypatch, login, recwarn):
+    """Not an outage: the server answers 403. Training goes on, records wait in the spool (one warning naming the
+    account), and once the permission is back `trainwatch sync` delivers every step exactly once."""
+    monkeypatch.chdir(tmp_path)
+    login(ADMIN, PASSWORD)
+    experiment_id, auth = _experiment_with_reader(auth_server, "revoked")
+    auth.grant_user_permission(READER, "experiment", experiment_id, "EDIT")
+    admin_env = {"MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": PASSWORD}
+
+    def revoke() -> None:  # the admin's request, from this process, without touching the reader's environment
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in admin_env.items():
+                mp.setenv(k, v)
+            auth.revoke_user_permission(READER, "experiment", experiment_id)
+
+    login(READER, READER_PASSWORD)
+    steps, revoked_at = 30, 6
+    watch = TrainWatch(
+        every_n_steps=2, tracking_uri=auth_server.url, experiment_name="revoked", system_metrics=False, landscape_samples=0,
+        report=False, spool_dir=str(tmp_path / "spool"),
+    )  # fmt: skip
+    t = fit(watch, RevokeAt(revoked_at, watch, revoke), steps=steps)
+
+    assert t.state.finished and t.global_step == steps
+    run_id = watch.run_id
+    refusals = messages(recwarn, "refused to store this run's records")
+    assert len(refusals) == 1, messages(recwarn, "trainwatch")
+    assert "403 PERMISSION_DENIED" in refusals[0] and "'reader'" in refusals[0] and READER_PASSWORD not in refusals[0]
+    assert messages(recwarn, "cannot write to") == []  # not reported as an outage
+    (spool_dir,) = (tmp_path / "spool").iterdir()
+    (closing,) = messages(recwarn, "are kept in")
+    assert f"trainwatch sync {spool_dir}" in closing
+    client = MlflowClient(auth_server.url)
+    before = stored_steps(client, run_id, "grad_norm/net.0")
+    assert before == list(range(0, revoked_at, 2))  # what was delivered before the revocation, no more
+
+    login(ADMIN, PASSWORD)
+    auth.grant_user_permission(READER, "experiment", experiment_id, "EDIT")
+    env = {**os.environ, "MLFLOW_TRACKING_USERNAME": READER, "MLFLOW_TRACKING_PASSWORD": READER_PASSWORD}
+    done = subprocess.run([str(TRAINWATCH), "sync", str(spool_dir)], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for layer in LAYERS:
+        assert stored_steps(client, run_id, f"grad_norm/{layer}") == list(range(0, steps, 2)), layer  # each step once
+    assert client.get_run(run_id).info.status == "FINISHED"

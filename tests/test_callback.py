@@ -69,7 +69,7 @@ class Recorder(pl.Callback):
         ]
         pl_module.eval()
         with torch.no_grad():
-            pl_module(self.probe)
+            pl_module(trainer.precision_plugin.convert_input(self.probe))
         pl_module.train()
         for h in handles:
             h.remove()
@@ -80,14 +80,17 @@ def _module_norm(tensors: dict[str, torch.Tensor], module: str) -> float:
     return torch.linalg.vector_norm(torch.cat([t.reshape(-1) for n, t in tensors.items() if n.startswith(f"net.{module}.")])).item()
 
 
-def test_logged_values_equal_independent_computation(store):
+@pytest.mark.parametrize("precision", ["32-true", "64-true"])  # "64-true": float64 weights, gradients and probe inputs
+def test_logged_values_equal_independent_computation(store, precision):
     pl.seed_everything(0)
     data = blobs()
     train, val = loaders(data)
     probe = data.tensors[0][:64]
     rec = Recorder(3, probe)
     model = Classifier(mlp())
-    trainer(max_steps=10, callbacks=[TrainWatch(every_n_steps=3, tracking_uri=store, system_metrics=False), rec]).fit(model, train, val)
+    callbacks = [TrainWatch(every_n_steps=3, tracking_uri=store, system_metrics=False), rec]
+    trainer(max_steps=10, precision=precision, callbacks=callbacks).fit(model, train, val)
+    assert all(g.dtype == (torch.float64 if precision == "64-true" else torch.float32) for g in rec.grad[0].values())
 
     client, run = _only_run(store)
     rid = run.info.run_id

@@ -72,7 +72,8 @@ def test_cam_snapshots_every_epoch_land_as_artifacts_images_and_metrics(store):
         snap = np.load(io.BytesIO(Path(client.download_artifacts(rid, files[-1])).read_bytes()))
         assert snap["maps"].shape == (4, 16, 16) and snap["maps"].max() <= 1 and (snap["raw_max"] > 0).all()
     pngs = [a.path for a in client.list_artifacts(rid, "images") if a.path.endswith(".png") and "cam~grad_cam" in a.path]
-    assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in pngs) == steps
+    drawn = {int(p.split("+step+")[1].split("+")[0]) for p in pngs}
+    assert {steps[0], steps[-1]} <= drawn <= set(steps)  # the filmstrip: first snapshot, at most every 30 s, the last
 
 
 def test_trained_maps_look_at_the_blob_and_differ_from_random_weights():
@@ -150,3 +151,28 @@ def test_bad_cam_arguments_fail_at_construction():
         TrainWatch(cam_methods=["gradcam"])
     with pytest.raises(ValueError, match="needs `cam_targets=`"):
         TrainWatch(cam_every_n_epochs=1, cam_probes=torch.zeros(2, 1, 8, 8))
+
+
+def test_cam_filmstrip_is_drawn_first_then_throttled_then_at_the_flush():
+    """Publisher on its own: with a long interval only the first snapshot's filmstrip is drawn while training,
+    the latest one at the flush; with no interval, every snapshot's."""
+    from trainwatch.ops import ImageOp
+    from trainwatch.publish import Publisher
+    from trainwatch.record import Record
+    from trainwatch.sink import _FLUSH
+
+    g = np.random.default_rng(0)
+    probes = Record(0, 0, arrays={"cam_inputs": g.random((2, 1, 8, 8)), "cam_targets": np.array([0.0, 1.0])})
+
+    def snapshot(step: int) -> Record:
+        arrays = {"cam/grad_cam": g.random((2, 8, 8)), "cam_raw_max/grad_cam": np.ones(2)}
+        arrays |= {"cam_predicted": np.array([0.0, 1.0]), "cam_confidence": np.array([0.9, 0.8])}
+        return Record(step, 0, arrays=arrays)
+
+    for interval, expected in ((3600.0, [0]), (0.0, [0, 5, 10])):
+        publisher = Publisher([], [], render_interval_s=interval)
+        publisher(probes)
+        images = [op.step for s in (0, 5, 10) for op in publisher(snapshot(s)) if isinstance(op, ImageOp)]
+        assert images == expected
+        at_flush = [op.step for op in publisher(_FLUSH) if isinstance(op, ImageOp)]
+        assert at_flush == ([10] if interval else [])  # the latest snapshot is always drawn by the end

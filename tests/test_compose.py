@@ -355,7 +355,7 @@ def test_server_command(resolved, env_example, server):
     assert option(args, "--artifacts-destination") == f"s3://{BUCKET}/"
     assert "--default-artifact-root" not in args  # new experiments get mlflow-artifacts:/ URIs: clients go through the proxy
     assert option(args, "--host") == "0.0.0.0" and option(args, "--port") == "5000"
-    assert option(args, "--workers") == "2"  # MLFLOW_WORKERS, default 2
+    assert option(args, "--workers") == "1"  # MLFLOW_WORKERS, default 1 (more workers: +40 ms per request, benchmarks.md)
 
 
 def test_server_workers_come_from_mlflow_workers(compose, env_example):

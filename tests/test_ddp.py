@@ -38,3 +38,37 @@ def test_ddp_one_run_rank_zero_logs_and_histograms_sum_over_ranks(tmp_path, ever
     # 32 probe samples on each of 2 ranks, 16 hidden units: summed over ranks
     assert hist["values"][0, row, 0] == 2 * 32 * 16
     assert hist["values"][0, row, len(STAT_COLUMNS) :].sum() == 2 * 32 * 16
+
+
+def _train(tmp_path: Path, name: str, devices: int, batch: int) -> tuple[MlflowClient, str]:
+    uri = f"sqlite:///{tmp_path}/{name}.db"
+    args = [sys.executable, str(SCRIPT), uri, "1", "2", str(devices), str(batch), "1"]
+    done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("trainwatch").experiment_id])
+    return client, run.info.run_id
+
+
+def _histories(client: MlflowClient, run_id: str) -> dict[str, dict[int, float]]:
+    keys = client.get_run(run_id).data.metrics
+    return {k: {m.step: m.value for m in client.get_metric_history(run_id, k)} for k in keys}
+
+
+# What differs by construction: wall-clock timing, per-process throughput (a rank counts its own samples), the
+# loss Lightning logs without sync_dist (rank zero's half of the batch).
+NOT_COMPARABLE = {"train/step_ms", "train/samples_per_s", "train_loss", "val_loss"}
+
+
+def test_ddp_metrics_match_the_single_process_run_of_the_same_global_batch(tmp_path):
+    """2 ranks x batch 8 and 1 process x batch 16 see the same samples per step, so every gradient, weight,
+    update and activation metric agrees (up to the order of float additions in the all-reduce)."""
+    single = _histories(*_train(tmp_path, "single", devices=1, batch=16))
+    ddp = _histories(*_train(tmp_path, "ddp", devices=2, batch=8))
+    assert set(single) == set(ddp)
+    compared = sorted(set(single) - NOT_COMPARABLE)
+    assert any(k.startswith("grad_norm/") for k in compared) and any(k.startswith("act_hist") or k.startswith("act_") for k in compared)
+    for key in compared:
+        assert single[key].keys() == ddp[key].keys(), key
+        steps = sorted(single[key])
+        np.testing.assert_allclose([ddp[key][s] for s in steps], [single[key][s] for s in steps], rtol=1e-4, atol=1e-7, err_msg=key)

@@ -93,6 +93,9 @@ def test_dashboard_of_a_real_run_in_chromium(store, tmp_path):
     run_id = _train(store, "<script>alert(1)</script>")
     client = mlflow.MlflowClient(store)
     assert any(f.path == REPORT_PATH for f in client.list_artifacts(run_id, "trainwatch"))  # built at the end of fit
+    logged = Path(client.download_artifacts(run_id, REPORT_PATH, str(tmp_path / "logged"))).read_text()
+    payload = json.loads(logged.split('id="trainwatch-data">', 1)[1].split("</script>", 1)[0])
+    assert payload["runs"][0]["status"] == "FINISHED" == client.get_run(run_id).info.status  # not "RUNNING"
     run_landscape(LandscapeSpec(run_id=run_id, tracking_uri=store, steps=5), progress=None)
     out = tmp_path / "report.html"
     assert cli(["report", run_id, "--tracking-uri", store, "--out", str(out)]) == 0

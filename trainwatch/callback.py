@@ -300,6 +300,7 @@ class TrainWatch(pl.Callback):
                     source, inputs = (
                         ("`probe_batch`", self.probe_batch) if self.probe_batch is not None else draw_inputs(sources, self.probe_samples)
                     )
+                    inputs = trainer.precision_plugin.convert_input(inputs)  # as Lightning converts batches ("64-true")
                     check_forward(pl_module, inputs.to(pl_module.device), source)
                     self._probe_inputs = inputs
             except ValueError as error:
@@ -387,7 +388,8 @@ class TrainWatch(pl.Callback):
                 inputs, targets = torch.stack([p[0] for p in pairs]), torch.tensor([int(p[1]) for p in pairs])
             else:
                 inputs, targets = balanced_probes(loader or [], self.cam_samples)
-        return CamProbe.build(pl_module, self.cam_methods, self.cam_layer, inputs.to(pl_module.device), targets.to(pl_module.device))
+        inputs = trainer.precision_plugin.convert_input(inputs.to(pl_module.device))
+        return CamProbe.build(pl_module, self.cam_methods, self.cam_layer, inputs, targets.to(pl_module.device))
 
     def _start_cam(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Ship the probe set once; in epoch mode, also the snapshot of the untrained model at step 0."""
@@ -436,7 +438,7 @@ class TrainWatch(pl.Callback):
                 self._report_thread.join(timeout=300)  # an in-between dashboard finishes before the final one
             self.sink.close()
             if self.report and not len(self.sink.spool):
-                self._log_report()
+                self._log_report(final_status=self._status)  # the run ends right after this page is logged
             if self._own_run:
                 self._end_own_run()
             self.sink = None
@@ -454,12 +456,12 @@ class TrainWatch(pl.Callback):
         self._report_thread = threading.Thread(target=build, name="trainwatch-report", daemon=True)
         self._report_thread.start()
 
-    def _log_report(self) -> None:
+    def _log_report(self, final_status: str | None = None) -> None:
         """Build the run dashboard from what reached MLflow and log it as trainwatch/report.html."""
         from trainwatch.report import REPORT_PATH, build_report
 
         try:
-            html = build_report([self.run_id], tracking_uri_of(self._client))  # type: ignore[list-item]
+            html = build_report([self.run_id], tracking_uri_of(self._client), final_status)  # type: ignore[list-item]
             self._client.log_text(self.run_id, html, REPORT_PATH)
         except Exception as error:  # noqa: BLE001 - the report must never fail a finished training
             log.warning("trainwatch: the run dashboard was not built (%s); `trainwatch report %s` builds it later.", error, self.run_id)

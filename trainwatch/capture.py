@@ -34,6 +34,7 @@ class Capture:
         self._sat_keys = [binding.act_keys[g] for g in saturating]
         self._init = G.snapshot(binding.params) if distance_from_init and binding.params else None
         self._before: list[Tensor] | None = None
+        self._scratch: list[Tensor] | None = None  # on the CPU, the pre-step copy's buffer, kept (see `G.copy_into`)
         self._weight_norms: Tensor | None = None
         self._grad: G.TensorStats | None = None
 
@@ -56,21 +57,27 @@ class Capture:
         packer.metrics("grad_zero_frac", keys, grouped.zero_frac)
         packer.metric("train/grad_norm_total", G.total_norm(stats))
         packer.metric("train/grad_nonfinite_total", stats.nonfinite.sum())
-        self._weight_norms = torch.stack(torch._foreach_norm([p.detach() for p in self.b.params], 2, dtype=torch.float32))
-        self._before = G.snapshot(self.b.params)
+        self._weight_norms = G.norms([p.detach() for p in self.b.params], 2.0)
+        self._before = G.copy_into(self._scratch, self.b.params)
+        if self.device.type == "cpu":
+            self._scratch = self._before
 
     def updates(self, packer: Packer) -> None:
         """After the optimizer step: weight norms, ‖Δw‖/‖w‖ of the step actually taken, distance from init."""
         if self._before is None or self._weight_norms is None or self._grad is None:
             return
         update = G.update_norms(self.b.params, self._before)
-        self._before = None
         n, keys = self.n_param_groups, self.b.param_keys
         weight = G.pooled_norm(self._weight_norms, self.param_index, n)
         packer.metrics("weight_norm", keys, weight)
         packer.metrics("update_ratio", keys, G.pooled_norm(update, self.param_index, n) / weight.clamp_min(1e-12))
         if self._init is not None:
-            packer.metrics("weight_dist_init", keys, G.pooled_norm(G.distance_norms(self.b.params, self._init), self.param_index, n))
+            if self._scratch is not None:  # the pre-step copy is spent: reuse its buffer
+                distance = G.distance_norms_into(self._scratch, self.b.params, self._init)
+            else:
+                distance = G.distance_norms(self.b.params, self._init)
+            packer.metrics("weight_dist_init", keys, G.pooled_norm(distance, self.param_index, n))
+        self._before = None
         g = self._grad
         zero_frac = g.zeros / g.numel.clamp_min(1)
         table = torch.stack([g.sq_norm.sqrt(), g.max_abs, g.nonfinite, zero_frac, self._weight_norms, update, g.numel], dim=1)

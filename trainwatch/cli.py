@@ -68,10 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         return _report(args.run_ids, args.tracking_uri, args.out)
     if args.command == "sync":
+        from trainwatch.sink import SyncIncomplete
         from trainwatch.sink import sync as sync_spool
 
         try:
             n = sync_spool(args.spool_dir)
+        except SyncIncomplete as error:  # it says what was delivered and what is left
+            print(f"trainwatch sync: {error}", file=sys.stderr)
+            return 1
         except Exception as error:  # noqa: BLE001 - a CLI reports any failure as a message and exit code 1
             print(f"trainwatch sync: {error}", file=sys.stderr)
             print("Nothing was removed from the spool; run the command again once the server is reachable.", file=sys.stderr)

@@ -81,6 +81,7 @@ class Publisher:
         self._cam_inputs: np.ndarray | None = None
         self._cam_targets: np.ndarray | None = None
         self._cam_history: dict[str, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
+        self._cam_drawn: dict[str, tuple[float, int]] = {}  # per method: monotonic time and step of the last filmstrip
 
     def __call__(self, item: object) -> list[Op]:
         if is_flush(item):
@@ -138,8 +139,6 @@ class Publisher:
 
     def _cam_ops(self, record: Record, method: str) -> list[Op]:
         """Raw maps of the snapshot as an artifact, and the filmstrip so far as an image at this step."""
-        from trainwatch.render import cam_filmstrip
-
         a = record.arrays
         maps, predicted, confidence = a[f"cam/{method}"], a["cam_predicted"].astype(np.int64), a["cam_confidence"]
         history = self._cam_history.setdefault(method, [])
@@ -148,10 +147,21 @@ class Publisher:
             step=np.int64(record.step), maps=maps, raw_max=a[f"cam_raw_max/{method}"], predicted=predicted, confidence=confidence
         )
         ops: list[Op] = [ArtifactOp(f"{ARTIFACT_ROOT}/cam/{method}/step-{record.step:08d}.npz", data)]
-        if self._cam_inputs is not None and self._cam_targets is not None:
-            image = cam_filmstrip(method, self._cam_inputs, self._cam_targets, history)
-            ops.append(ImageOp(f"{CAM_IMAGE_KEY}/{method}", record.step, record.timestamp_ms, image))
+        # The filmstrip (0.2-0.5 s of matplotlib per method on this thread, which shares the GIL with training) is
+        # drawn at the first snapshot, then at most every `render_interval_s`, and at every flush (`_flush`).
+        if time.monotonic() - self._cam_drawn.get(method, (-float("inf"), -1))[0] >= self.render_interval_s:
+            ops += self._cam_image(method, record.timestamp_ms)
         return ops
+
+    def _cam_image(self, method: str, timestamp_ms: int) -> list[Op]:
+        from trainwatch.render import cam_filmstrip
+
+        history = self._cam_history[method]
+        if self._cam_inputs is None or self._cam_targets is None:
+            return []
+        self._cam_drawn[method] = (time.monotonic(), history[-1][0])
+        image = cam_filmstrip(method, self._cam_inputs, self._cam_targets, history)
+        return [ImageOp(f"{CAM_IMAGE_KEY}/{method}", history[-1][0], timestamp_ms, image)]
 
     def _activation_ops(self, record: Record) -> list[Op]:
         ops: list[Op] = []
@@ -189,6 +199,9 @@ class Publisher:
             ops += self._diagnosis_ops(final=self.final)
         if self._act_records > self._rendered_at:
             ops.append(self._image(self._history_steps[-1], int(time.time() * 1000)))
+        for method, history in self._cam_history.items():
+            if history and self._cam_drawn.get(method, (0.0, -1))[1] != history[-1][0]:
+                ops += self._cam_image(method, int(time.time() * 1000))
         return ops
 
 

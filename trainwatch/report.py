@@ -240,8 +240,12 @@ def render(runs: Sequence[dict]) -> str:
     return page.replace("__DATA__", data)
 
 
-def build_report(run_ids: Sequence[str], tracking_uri: str | None = None) -> str:
-    """The page for one run, or two runs side by side."""
+def build_report(run_ids: Sequence[str], tracking_uri: str | None = None, final_status: str | None = None) -> str:
+    """The page for one run, or two runs side by side. `final_status`: the status the (first) run is about to end
+    with, for a page built in the last moments of a run that the server still shows as RUNNING."""
     from trainwatch.runs import RunStore
 
-    return render([collect(RunStore(run_id, tracking_uri)) for run_id in run_ids])
+    runs = [collect(RunStore(run_id, tracking_uri)) for run_id in run_ids]
+    if final_status is not None and runs and runs[0]["status"] == "RUNNING":
+        runs[0]["status"] = final_status
+    return render(runs)

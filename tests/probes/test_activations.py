@@ -67,6 +67,24 @@ def test_summary_columns_match_torch():
     assert s[len(A.STAT_COLUMNS) :].sum().item() == x.numel()
 
 
+def test_summary_with_non_finite_values_counts_them_and_sums_only_finite_ones():
+    g = torch.Generator().manual_seed(4)
+    x = torch.relu(torch.randn(8, 3, 4, generator=g))
+    x[:, 0] = 0  # dead channel
+    x[:, 1] = 0
+    x[2, 1, 0] = float("nan")  # otherwise dead, but a NaN fires
+    x[5, 2, 3], x[6, 2, 3] = float("inf"), float("-inf")
+    col = {c: v.item() for c, v in zip(A.STAT_COLUMNS, A.activation_summary(x), strict=False)}
+    finite = x[torch.isfinite(x)]
+    assert col["nonfinite"] == 3 and col["finite"] == x.numel() - 3
+    assert col["sum"] == pytest.approx(finite.sum().item(), rel=1e-6)
+    assert col["sumsq"] == pytest.approx(finite.square().sum().item(), rel=1e-6)
+    assert col["zeros"] == (x == 0).sum().item()
+    assert col["dead"] == 4 + 3  # channel 0 (4 positions) and channel 1 except its NaN position
+    clean = torch.relu(torch.randn(8, 3, 4, generator=g))
+    assert A.activation_summary(clean)[A.STAT_COLUMNS.index("sum")].item() == pytest.approx(clean.sum().item(), rel=1e-6)
+
+
 def test_saturation_per_kind():
     x = torch.tensor([[-0.995, 0.0, 0.5, 0.999]])
     assert A.saturation_mask(x, "tanh").sum().item() == 2

@@ -86,3 +86,46 @@ def test_update_and_distance_norms():
 def test_empty_input_is_an_error():
     with pytest.raises(ValueError, match="at least one tensor"):
         G.tensor_stats([])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
+def test_cpu_max_abs_and_nonzero_equal_the_fused_norms_used_on_cuda(dtype):
+    """The CPU path (aminmax, count_nonzero per tensor) gives exactly what the fused inf/L0 norms give, including
+    NaN (max is NaN; NaN counts as non-zero), ±Inf, -0.0, all-negative and empty tensors (max 0)."""
+    g = torch.Generator().manual_seed(2)
+    cases = [
+        *_tensors(),
+        -torch.rand(6, generator=g) - 1,  # all negative: |min| is the max
+        torch.tensor([-0.0, 0.0, -0.0]),
+        torch.tensor([float("nan")]),
+        torch.tensor([1.0, float("-inf")]),
+        torch.empty(0),
+        torch.randn(3, 4, 5, generator=g),
+    ]
+    ts = [t.to(dtype) for t in cases]
+    stand_ins = [t if t.numel() else t.new_zeros(1) for t in ts]  # the fused inf-norm refuses empty tensors
+    expected_max = torch.stack([n.float() for n in torch._foreach_norm(stand_ins, float("inf"))])
+    expected_nonzero = torch.stack([n.float() for n in torch._foreach_norm(ts, 0.0)])
+    torch.testing.assert_close(G.max_abs(ts), expected_max, equal_nan=True, rtol=0, atol=0)
+    torch.testing.assert_close(G.count_nonzero(ts), expected_nonzero, rtol=0, atol=0)
+    assert G.max_abs(ts).dtype == G.count_nonzero(ts).dtype == torch.float32
+
+
+def test_distance_into_a_reused_buffer_equals_a_fresh_one():
+    g = torch.Generator().manual_seed(3)
+    p = [torch.nn.Parameter(torch.randn(4, 3, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
+    ref = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g)]
+    scratch = G.copy_into(None, p)
+    assert all(s.data_ptr() != q.data_ptr() for s, q in zip(scratch, p, strict=True))
+    assert G.copy_into(scratch, p) is scratch  # reused, not reallocated
+    assert torch.equal(G.distance_norms_into(scratch, p, ref), G.distance_norms(p, ref))
+    assert torch.equal(p[0].detach(), p[0].detach().clone())  # params untouched
+
+
+def test_float64_tensors_get_float32_statistics():
+    """`precision="64-true"` trains in float64: its statistics are computed (in float64) and reported as float32."""
+    ts = [t.double() for t in _tensors()] + [torch.randn(3)]
+    s = G.tensor_stats(ts)
+    assert s.sq_norm.dtype == s.max_abs.dtype == torch.float32
+    assert s.sq_norm[0].sqrt().item() == pytest.approx(torch.linalg.vector_norm(ts[0]).item(), rel=1e-6)
+    assert s.max_abs[3].item() == pytest.approx(ts[3].abs().max().item())
