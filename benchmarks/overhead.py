@@ -9,6 +9,8 @@ Arms:
   trainwatch-default  TrainWatch() at the trainer's log_every_n_steps (50), own run in a SQLite store
   trainwatch-every1   TrainWatch(every_n_steps=1)
   trainwatch-every1-actoff  TrainWatch(every_n_steps=1, activations="off") (not run unless named in --arms)
+  trainwatch-thread, trainwatch-every1-thread  the same with writer="thread": MLflow's client in the sink
+                      thread instead of a child process (not run unless named)
   trainwatch-nodiagnose     TrainWatch(diagnose=False): no per-step non-finite check (not run unless named)
   trainwatch-stop           TrainWatch(on_nonfinite="stop"): the per-step check plus one host sync per step (not run unless named)
   naive-mlflow        what users write today: mlflow.log_metric(grad norm) for every parameter, every step,
@@ -63,9 +65,16 @@ from trainwatch import TrainWatch
 
 ALL_ARMS = (
     "bare", "trainwatch-default", "trainwatch-every1", "trainwatch-every1-actoff", "trainwatch-nodiagnose", "trainwatch-stop",
+    "trainwatch-thread", "trainwatch-every1-thread",
     "naive-mlflow", "wandb-default", "wandb-every1",
 )  # fmt: skip
-OPT_IN_ARMS = ("trainwatch-every1-actoff", "trainwatch-nodiagnose", "trainwatch-stop")  # run only when named in --arms
+OPT_IN_ARMS = (
+    "trainwatch-every1-actoff",
+    "trainwatch-nodiagnose",
+    "trainwatch-stop",
+    "trainwatch-thread",
+    "trainwatch-every1-thread",
+)  # run only when named in --arms
 DEFAULT_ARMS = tuple(a for a in ALL_ARMS if a not in OPT_IN_ARMS)
 LOG_EVERY_N_STEPS = 50
 DEFAULT_STEPS = {"small-cnn": 250, "resnet18": 50}  # measured steps: a multiple of 50, so the window holds steps/50 logged steps
@@ -98,6 +107,21 @@ def _reset_hwm() -> bool:
         return False
 
 
+def writer_process_usage() -> tuple[float, float] | None:
+    """(CPU seconds so far, peak RSS MB) of trainwatch's writer child process, if one runs: its work is not in
+    this process's CPU time or RSS, so it is reported beside them."""
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "trainwatch.writer_process" in " ".join(child.cmdline()):
+                cpu = child.cpu_times()
+                status = Path(f"/proc/{child.pid}/status").read_text()
+                hwm = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM:")), 0)
+                return cpu.user + cpu.system, hwm / 1024
+        except (psutil.Error, OSError):
+            continue
+    return None
+
+
 class StepTimer(pl.Callback):
     """Put first in `callbacks`: its `on_train_start` runs before any other callback allocates memory."""
 
@@ -105,6 +129,7 @@ class StepTimer(pl.Callback):
         self.marks: list[float] = []
         self.cpu_marks: list[float] = []  # process CPU time (all threads of this process)
         self.peak_mb: float | None = None
+        self.writer: tuple[float, float] | None = None  # the writer process's (CPU s, peak MB) at the end
         self._base = 0
         self._cuda = False
         self._hwm_ok = False
@@ -131,6 +156,7 @@ class StepTimer(pl.Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._sync()
+        self.writer = writer_process_usage()
         if self._cuda:
             self.peak_mb = (torch.cuda.max_memory_allocated() - self._base) / 2**20
         else:
@@ -230,6 +256,8 @@ def arms(tmp: Path) -> dict[str, Arm]:
         "trainwatch-default": Arm("trainwatch-default", LOG_EVERY_N_STEPS, tw(None)),
         "trainwatch-every1": Arm("trainwatch-every1", 1, tw(1)),
         "trainwatch-every1-actoff": Arm("trainwatch-every1-actoff", 1, tw(1, "off")),
+        "trainwatch-thread": Arm("trainwatch-thread", LOG_EVERY_N_STEPS, tw(None, writer="thread")),
+        "trainwatch-every1-thread": Arm("trainwatch-every1-thread", 1, tw(1, writer="thread")),
         "trainwatch-nodiagnose": Arm("trainwatch-nodiagnose", LOG_EVERY_N_STEPS, tw(None, diagnose=False)),
         "trainwatch-stop": Arm("trainwatch-stop", LOG_EVERY_N_STEPS, tw(None, on_nonfinite="stop")),
         "naive-mlflow": Arm("naive-mlflow", 1, lambda d: [NaiveGradNorms(f"sqlite:///{tmp}/naive.db")]),
@@ -246,6 +274,7 @@ class Result:
     logged: list[float] = field(default_factory=list)  # measured step times of logged steps, all repeats
     outside_s: list[float] = field(default_factory=list)  # fit wall time outside the timed step intervals
     peak_mb: list[float] = field(default_factory=list)
+    writer: list[tuple[float, float, int]] = field(default_factory=list)  # writer process: CPU s, peak MB, steps of that fit
 
 
 def fit_once(
@@ -309,6 +338,8 @@ def run_model(model_name: str, arm_names: list[str], args: argparse.Namespace, a
             res.outside_s.append(fit_s - sum(times))
             if timer.peak_mb is not None:
                 res.peak_mb.append(timer.peak_mb)
+            if timer.writer is not None:
+                res.writer.append((*timer.writer, len(times) + 1))
             print(
                 f"  [{model_name} r{r}] {a:<24} median {1000 * statistics.median(measured):8.2f} ms  "
                 f"mean {1000 * statistics.fmean(measured):8.2f} ms  fit {fit_s:6.1f} s",
@@ -335,7 +366,8 @@ def report(model_name: str, results: dict[str, Result]) -> list[str]:
     print()
     print(header)
     print("-" * len(header))
-    headlines = []
+    headlines: list[str] = []
+    writer_lines: list[str] = []
     for a, res in results.items():
         steps = [t for rep in res.steps for t in rep]
         med, mean = statistics.median(steps), statistics.fmean(steps)
@@ -354,11 +386,20 @@ def report(model_name: str, results: dict[str, Result]) -> list[str]:
             f"{model_name:<10} {a:<24} {_ms(med):>10} {_ms(mean):>9} {logged:>10} {added:>11} {med / bare_med:>8.2f}x "
             f"{mean / bare_mean:>6.2f}x {spread:>11} {_ms(cpu):>8} {cpu / bare_cpu:>5.2f}x {outside:>10.2f} {peak_s:>8} {extra:>9}"
         )
+        if res.writer:
+            cpu_s = statistics.fmean(w[0] for w in res.writer)
+            fit_steps = statistics.fmean(w[2] for w in res.writer)
+            writer_lines.append(
+                f"  {a}: writer process {cpu_s:.2f} s CPU per fit of {fit_steps:.0f} steps (its start-up included), "
+                f"peak RSS {statistics.median(w[1] for w in res.writer):.0f} MB; not in 'cpu ms' or 'peak MB'"
+            )
         if a != "bare":
             headlines.append(
                 f"overhead {model_name} {a}: {mean / bare_mean:.2f}x (mean step time; median step {med / bare_med:.2f}x, "
                 f"process CPU per step {cpu / bare_cpu:.2f}x)"
             )
+    for line in writer_lines:
+        print(line)
     return headlines
 
 

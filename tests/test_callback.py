@@ -190,7 +190,8 @@ def test_own_run_uses_env_uri_then_default(tmp_path, monkeypatch):
     _only_run(f"sqlite:///{tmp_path}/env.db")
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     trainer(max_steps=2, callbacks=[TrainWatch(every_n_steps=1, system_metrics=False, run_name="r")]).fit(Classifier(mlp()), train, val)
-    _, run = _only_run("sqlite:///mlflow.db")
+    assert (tmp_path / "mlflow.db").is_file()  # the default store is the working directory's mlflow.db
+    _, run = _only_run(f"sqlite:///{tmp_path}/mlflow.db")  # absolute: MLflow caches stores per URI string
     assert run.info.run_name == "r" and "grad_norm/net.0" in run.data.metrics
 
 
@@ -224,6 +225,7 @@ def test_bad_configuration_fails_in_setup_before_any_step(store, kwargs, match):
         ({"activations": "all"}, r"activations='all'\)` must be one of"),
         ({"max_metric_keys": 10}, r"max_metric_keys=10\)` must be an integer >= "),
         ({"probe_batch": [1, 2]}, r"probe_batch=...\)` must be a tensor"),
+        ({"writer": "async"}, r"writer='async'\)` must be 'process'"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
@@ -361,7 +363,7 @@ def test_demo_trains_and_logs(tmp_path, monkeypatch, capsys):
     assert main(["demo", "--epochs", "1", "--landscape-steps", "5"]) == 0
     out = capsys.readouterr().out
     assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in out
-    _, run = _only_run("sqlite:///mlflow.db", "trainwatch-demo")
+    _, run = _only_run(f"sqlite:///{tmp_path}/mlflow.db", "trainwatch-demo")
     assert {"grad_norm/features.0", "update_ratio/classifier", "act_zero_frac/features.2", "val_acc"} <= set(run.data.metrics)
     assert "landscape/random/centre_loss" in run.data.metrics
 

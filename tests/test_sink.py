@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from trainwatch.ops import MAX_METRICS_PER_BATCH, ArtifactOp, ImageOp, MetricsOp, Op, ParamsOp, TagsOp, batched
-from trainwatch.sink import MlflowSink, MlflowWriter, Spool, create_run, open_client, sync
+from trainwatch.sink import MlflowSink, MlflowWriter, Spool, absolute_sqlite_uri, create_run, open_client, sync
 
 T0 = 1_700_000_000_000  # fixed capture timestamps (ms), as the Packer fixes them at capture
 
@@ -428,3 +428,11 @@ def test_malformed_tracking_uri_is_a_readable_error(uri, tmp_path, monkeypatch):
         open_client(uri)
     message = str(info.value)
     assert repr(uri) in message and "Check the URI" in message and "tracking_uri" in message
+
+
+def test_relative_sqlite_uris_are_resolved_against_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert absolute_sqlite_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert absolute_sqlite_uri("sqlite:///runs/m.db?timeout=5") == f"sqlite:///{tmp_path}/runs/m.db?timeout=5"
+    for unchanged in ("sqlite:////abs/m.db", "sqlite:///:memory:", "http://127.0.0.1:5000", "postgresql://u@h/db"):
+        assert absolute_sqlite_uri(unchanged) == unchanged

@@ -35,7 +35,18 @@ from trainwatch.probes.probe_batch import check_forward, draw_inputs, first_load
 from trainwatch.publish import Publisher, groups_artifact
 from trainwatch.record import Packer
 from trainwatch.report import ARCHITECTURE
-from trainwatch.sink import MlflowSink, MlflowWriter, Spool, create_run, end_run, open_client, start_system_metrics, tracking_uri_of
+from trainwatch.sink import (
+    MlflowSink,
+    MlflowWriter,
+    Spool,
+    absolute_sqlite_uri,
+    create_run,
+    end_run,
+    open_client,
+    start_system_metrics,
+    tracking_uri_of,
+)
+from trainwatch.writer_process import ProcessWriter
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +78,9 @@ class TrainWatch(pl.Callback):
         distance_from_init: keep a copy of the initial weights (1x parameter memory) for `weight_dist_init`.
         system_metrics: start MLflow's system-metrics monitor (CPU, RAM, GPU) on the run.
         spool_dir: where records wait on disk while MLflow is unreachable; default `.trainwatch/spool/<run>`.
+        writer: "process" runs MLflow's client in a child process, so its Python (SQLAlchemy for a local store)
+            never holds the training process's interpreter lock; "thread" runs it in the sink thread (no extra
+            process, about 150 MB less RAM).
         cam_every_n_epochs, cam_every_n_steps: CAM snapshot cadence (off when both are None).
         cam_methods: names from `trainwatch.cam.METHODS`; default ["grad_cam"].
         cam_layer: `named_modules()` name of the CAM layer; default the last module with a spatial output.
@@ -107,6 +121,7 @@ class TrainWatch(pl.Callback):
         system_metrics_interval_s: float = 10.0,
         spool_dir: str | None = None,
         queue_size: int = 1000,
+        writer: Literal["process", "thread"] = "process",
         cam_every_n_epochs: int | None = None,
         cam_every_n_steps: int | None = None,
         cam_methods: list[str] | None = None,
@@ -135,6 +150,8 @@ class TrainWatch(pl.Callback):
         _positive("trajectory_every_n_epochs", trajectory_every_n_epochs)
         if isinstance(cam_probes, Tensor) and cam_targets is None:
             raise ValueError("`TrainWatch(cam_probes=<tensor>)` needs `cam_targets=`: one true class index per probe.")
+        if writer not in ("process", "thread"):
+            raise ValueError(f"`TrainWatch(writer={writer!r})` must be 'process' (MLflow's client in a child process) or 'thread'.")
         if activations not in ("probe", "live", "off"):
             raise ValueError(f"`TrainWatch(activations={activations!r})` must be one of 'probe', 'live', 'off'.")
         if probe_batch is not None and not isinstance(probe_batch, Tensor):
@@ -157,6 +174,7 @@ class TrainWatch(pl.Callback):
         self.system_metrics_interval_s = system_metrics_interval_s
         self.spool_dir = spool_dir
         self.queue_size = queue_size
+        self.writer = writer
         self.cam_every_n_epochs = cam_every_n_epochs
         self.cam_every_n_steps = cam_every_n_steps
         self.cam_methods = list(CamProbe.check_methods(cam_methods or ["grad_cam"]))
@@ -251,7 +269,7 @@ class TrainWatch(pl.Callback):
                 uri = tracking_uri_of(self._client)
                 open_client(uri)  # the same reachability check as for our own run
             else:
-                uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+                uri = absolute_sqlite_uri(self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
                 self._client = open_client(uri)
                 self.run_id = create_run(self._client, self.experiment_name, self.run_name)
                 self._own_run = True
@@ -266,7 +284,10 @@ class TrainWatch(pl.Callback):
         diagnosis = Diagnosis(facts, self.diagnosis_thresholds) if self.diagnose else None
         publisher = Publisher(list(b.param_names), list(b.act_names), diagnosis=diagnosis)
         self._publisher = publisher
-        self.sink = MlflowSink(MlflowWriter(self._client, self.run_id), spool, publisher, self.queue_size, describe=f"MLflow at {uri}")
+        writer = (
+            ProcessWriter(absolute_sqlite_uri(uri), self.run_id) if self.writer == "process" else MlflowWriter(self._client, self.run_id)
+        )
+        self.sink = MlflowSink(writer, spool, publisher, self.queue_size, describe=f"MLflow at {uri}")
         self.sink.start()
         self.sink.submit(TagsOp((("trainwatch.version", __version__),)))
         self.sink.submit(ParamsOp(tuple((f"trainwatch.{k}", str(v)) for k, v in self._params(trainer).items())))

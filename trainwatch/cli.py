@@ -41,10 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from trainwatch.demo import run_demo
         from trainwatch.landscape.job import LandscapeSpec, run_landscape
+        from trainwatch.sink import absolute_sqlite_uri
 
-        run_id = run_demo(args.tracking_uri, epochs=args.epochs)
-        run_landscape(LandscapeSpec(run_id=run_id, tracking_uri=args.tracking_uri, steps=args.landscape_steps))
-        _report([run_id], args.tracking_uri, None)  # again, now with the landscape
+        uri = absolute_sqlite_uri(args.tracking_uri)  # the printed command keeps the user's form
+        run_id = run_demo(uri, epochs=args.epochs)
+        run_landscape(LandscapeSpec(run_id=run_id, tracking_uri=uri, steps=args.landscape_steps))
+        _report([run_id], uri, None)  # again, now with the landscape
         print(f"\ntrainwatch demo finished: run {run_id} in {args.tracking_uri}")
         print(f"Open the MLflow UI with:\n  .venv/bin/mlflow ui --backend-store-uri {args.tracking_uri} --port 5000")
         print("then browse http://127.0.0.1:5000 → experiment 'trainwatch-demo' → run 'digits-cnn' → Model metrics;")

@@ -43,6 +43,19 @@ def use_short_http_timeouts() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
 
 
+def absolute_sqlite_uri(uri: str) -> str:
+    """`sqlite:///mlflow.db` → `sqlite:////<working dir>/mlflow.db`; other URIs unchanged.
+
+    MLflow caches one store per URI string for the life of the process, so a relative SQLite URI keeps pointing
+    at the directory where it was first used; resolved now, every client (and trainwatch's writer process) opens
+    the same file whatever the working directory is later."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri.startswith(prefix + "/") or uri == prefix + ":memory:":
+        return uri
+    path, sep, query = uri[len(prefix) :].partition("?")
+    return f"{prefix}{Path(path).resolve()}{sep}{query}"
+
+
 def open_client(tracking_uri: str) -> MlflowClient:
     """A client for `tracking_uri`, checked by one request so a bad URI fails now with a readable error.
 
@@ -523,6 +536,8 @@ class MlflowSink:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("trainwatch: the sink did not finish within %s s; it goes on in the background.", timeout)
+        if self._thread is None or not self._thread.is_alive():
+            getattr(self._deliver_op, "close", lambda: None)()  # a ProcessWriter's child exits
         left = len(self.spool)
         if not left and (self._thread is None or not self._thread.is_alive()):
             self.spool.remove_if_delivered()  # nothing waits: no directory left behind per run
