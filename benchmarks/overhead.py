@@ -139,6 +139,10 @@ class StepTimer(pl.Callback):
             torch.cuda.synchronize()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for callback in trainer.callbacks:  # measure the steady state: trainwatch's writer process is up
+            ready = getattr(getattr(getattr(callback, "sink", None), "_deliver_op", None), "ready", None)
+            if ready is not None:
+                ready.wait(60)
         self._cuda = pl_module.device.type == "cuda"
         self.marks, self.cpu_marks = [], []
         if self._cuda:

@@ -576,6 +576,7 @@ class MlflowSink:
             return None
 
     def _run(self) -> None:
+        getattr(self._deliver_op, "start", lambda: None)()  # a ProcessWriter starts its child now, off training's thread
         pending: list[Op] = []
         values = 0  # metric values in `pending`
         since: float | None = None  # when the oldest pending op was published

@@ -71,6 +71,7 @@ class ProcessWriter:
         self.refused = 0
         self.refused_keys: set[str] = set()
         self.starts = 0
+        self.ready = threading.Event()  # set once a child has imported MLflow and answered
         self._proc: subprocess.Popen | None = None
         self._lock = threading.Lock()  # the sink calls from one thread; `close` may come from another
 
@@ -78,10 +79,19 @@ class ProcessWriter:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
 
+    def start(self) -> None:
+        """Start the child now and wait for its ready answer (the sink thread calls this first, so the import
+        overlaps the trainer's own start); a failure here is left for the first delivery to report."""
+        with self._lock:
+            try:
+                self._running()
+            except (OSError, EOFError, pickle.UnpicklingError):
+                self._stop()
+
     def __call__(self, op: Op) -> None:
         with self._lock:
-            proc = self._running()
             try:
+                proc = self._running()
                 assert proc.stdin is not None and proc.stdout is not None
                 write_frame(proc.stdin, op)
                 reply = read_frame(proc.stdout)
@@ -103,6 +113,9 @@ class ProcessWriter:
                 stdout=subprocess.PIPE,
                 env={**os.environ, "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"},
             )
+            assert self._proc.stdout is not None
+            read_frame(self._proc.stdout)  # "ready": MLflow is imported and the client made
+            self.ready.set()
         return self._proc
 
     def _apply(self, reply: dict[str, Any]) -> None:
@@ -143,6 +156,7 @@ class ProcessWriter:
     def close(self) -> None:
         with self._lock:
             self._stop()
+            self.ready.clear()
 
 
 class _Collect(logging.Handler):
@@ -168,6 +182,7 @@ def serve(tracking_uri: str, run_id: str, requests: IO[bytes], replies: IO[bytes
     logger.addHandler(collect)
     logger.setLevel(logging.INFO)
     logger.propagate = False
+    write_frame(replies, "ready")
     while True:
         try:
             op = read_frame(requests)
