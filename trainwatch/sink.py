@@ -536,10 +536,11 @@ class MlflowSink:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("trainwatch: the sink did not finish within %s s; it goes on in the background.", timeout)
-        if self._thread is None or not self._thread.is_alive():
+        stopped = self._thread is None or not self._thread.is_alive()
+        if stopped:
             getattr(self._deliver_op, "close", lambda: None)()  # a ProcessWriter's child exits
         left = len(self.spool)
-        if not left and (self._thread is None or not self._thread.is_alive()):
+        if not left and stopped:
             self.spool.remove_if_delivered()  # nothing waits: no directory left behind per run
         if left and self._down_since is None and self._held is not None:
             warnings.warn(

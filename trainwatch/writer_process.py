@@ -23,8 +23,10 @@ from typing import IO, Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import ErrorCode
+from mlflow.tracking import MlflowClient
 
 from trainwatch.ops import Op
+from trainwatch.sink import ArtifactStoreError, MlflowWriter
 
 log = logging.getLogger(__name__)
 _HEADER = struct.Struct(">I")
@@ -120,8 +122,6 @@ class ProcessWriter:
 
     def _apply(self, reply: dict[str, Any]) -> None:
         """Mirror the child's refusals and log lines, then raise what it raised."""
-        from trainwatch.sink import ArtifactStoreError  # sink imports this module
-
         self.refused += reply["refused"]
         self.refused_keys |= reply["refused_keys"]
         for level, message in reply["logs"]:
@@ -139,6 +139,7 @@ class ProcessWriter:
     def _stop(self) -> int | None:
         """End the child (it exits when its stdin closes) and return its exit code."""
         proc, self._proc = self._proc, None
+        self.ready.clear()
         if proc is None:
             return None
         for stream in (proc.stdin, proc.stdout):
@@ -156,7 +157,6 @@ class ProcessWriter:
     def close(self) -> None:
         with self._lock:
             self._stop()
-            self.ready.clear()
 
 
 class _Collect(logging.Handler):
@@ -172,10 +172,6 @@ class _Collect(logging.Handler):
 
 def serve(tracking_uri: str, run_id: str, requests: IO[bytes], replies: IO[bytes]) -> None:
     """The child's loop: one reply per op until the parent closes the stream."""
-    from mlflow.tracking import MlflowClient
-
-    from trainwatch.sink import ArtifactStoreError, MlflowWriter
-
     writer = MlflowWriter(MlflowClient(tracking_uri), run_id)
     collect = _Collect()
     logger = logging.getLogger("trainwatch")
