@@ -6,7 +6,8 @@ stops it by its own pid at the end. Then, each against its own run:
 
   (a) delivered values/s
       sink      MlflowSink(MlflowWriter(client, run), Spool(dir), Publisher([], [])) — the callback's own
-                construction: `--steps` records of `--metrics` values, each built with a Packer and submitted
+                construction with `writer="thread"`; `sink-process` the same with `ProcessWriter(url, run)`,
+                the default `writer="process"` (timed once its child is ready): `--steps` records of `--metrics` values, each built with a Packer and submitted
                 as `sink.submit(packer.ship())`, one every `--interval-ms` (faster than the server can take
                 them, so the worker batches up to 1000 values per log_batch), then `flush()`; values/s counts
                 from the first submit to the end of the flush
@@ -45,7 +46,8 @@ from mlflow.entities import Metric
 
 from trainwatch.publish import Publisher
 from trainwatch.record import Packer
-from trainwatch.sink import MlflowSink, MlflowWriter, Spool, create_run, open_client
+from trainwatch.sink import MlflowSink, MlflowWriter, Spool, create_run, open_client, tracking_uri_of
+from trainwatch.writer_process import ProcessWriter
 
 FAMILIES = ("grad_norm", "grad_max", "weight_norm", "update_ratio")
 
@@ -121,14 +123,25 @@ def check(client: mlflow.MlflowClient, run_id: str, key: str, expected: int) -> 
 
 
 def sink_run(
-    client: mlflow.MlflowClient, experiment: str, tmp: Path, steps: int, n_metrics: int, interval_s: float, device: torch.device
+    client: mlflow.MlflowClient,
+    experiment: str,
+    tmp: Path,
+    steps: int,
+    n_metrics: int,
+    interval_s: float,
+    device: torch.device,
+    process: bool = False,
 ) -> tuple[float, list[float], list[float], list[float], str]:
     """Submit `steps` records of `n_metrics` values, one every `interval_s`, then flush. Returns delivered
     values/s (first submit to end of flush) and, per logged step, the seconds spent building the Packer, in
-    `ship()` and in `submit(ship())`."""
-    run_id = create_run(client, experiment, "sink")
-    sink = MlflowSink(MlflowWriter(client, run_id), Spool(tmp / f"spool-{run_id}"), Publisher([], []))
+    `ship()` and in `submit(ship())`. `process`: MLflow's client in a child process (`TrainWatch`'s default
+    `writer="process"`), timed from when the child is ready."""
+    run_id = create_run(client, experiment, "sink-process" if process else "sink")
+    writer = ProcessWriter(tracking_uri_of(client), run_id) if process else MlflowWriter(client, run_id)
+    sink = MlflowSink(writer, Spool(tmp / f"spool-{run_id}"), Publisher([], []))
     sink.start()
+    if process and not writer.ready.wait(120):
+        raise RuntimeError("the writer process did not start within 120 s")
     key_map = keys(n_metrics)
     build, ship, total = [], [], []
     t_start = time.perf_counter()
@@ -208,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"torch {torch.__version__}, mlflow {mlflow.__version__}, python {sys.version.split()[0]}; tensors on {device}")
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    rates: dict[str, list[float]] = {"sink": [], "log_batch": [], "naive": []}
+    rates: dict[str, list[float]] = {"sink": [], "sink-process": [], "log_batch": [], "naive": []}
     busy: dict[str, list[float]] = {"build": [], "ship": [], "total": []}
     idle: dict[str, list[float]] = {"build": [], "ship": [], "total": []}
     with tempfile.TemporaryDirectory(prefix="trainwatch-sink-bench-") as tmp_name, mlflow_server(Path(tmp_name)) as url:
@@ -219,10 +232,11 @@ def main(argv: list[str] | None = None) -> None:
         create_run(client, experiment, "warm-up")  # experiment creation and the first request off the clock
 
         for r in range(args.repeats):
-            for name in ("sink", "log_batch", "naive") if r % 2 == 0 else ("naive", "log_batch", "sink"):
-                if name == "sink":
+            names = ("sink", "sink-process", "log_batch", "naive")
+            for name in names if r % 2 == 0 else names[::-1]:
+                if name.startswith("sink"):
                     rate, build, ship, total, status = sink_run(
-                        client, experiment, tmp, args.steps, args.metrics, args.interval_ms / 1000, device
+                        client, experiment, tmp, args.steps, args.metrics, args.interval_ms / 1000, device, process=name == "sink-process"
                     )
                     busy["build"] += build
                     busy["ship"] += ship
@@ -235,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
                     rate, status = naive_throughput(client, experiment, args.naive_steps, args.metrics)
                     n = args.naive_steps
                 rates[name].append(rate)
-                print(f"  [r{r}] {name:<9} {n:4d} steps x {args.metrics} values: {rate:8.0f} values/s  (read back: {status})", flush=True)
+                print(f"  [r{r}] {name:<12} {n:4d} steps x {args.metrics} values: {rate:8.0f} values/s  (read back: {status})", flush=True)
         if args.idle_steps:
             _, build, ship, total, status = sink_run(
                 client, experiment, tmp, args.idle_steps, args.metrics, args.idle_interval_ms / 1000, device
@@ -248,7 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(f"{'method':<46} {'values/s (median)':>18} {'vs naive':>9}")
     labels = {
-        "sink": "MlflowSink (background thread, batched)",
+        "sink": "MlflowSink, writer='thread' (batched)",
+        "sink-process": "MlflowSink, writer='process' (batched)",
         "log_batch": "client.log_batch per step (synchronous)",
         "naive": "client.log_metric per value (synchronous)",
     }
@@ -271,6 +286,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"    {label:<34} p50 {us(xs, 0.5):8.1f} µs   p99 {us(xs, 0.99):8.1f} µs   max {us(xs, 1.0):8.1f} µs")
     print()
     print(f"sink throughput: {sink_rate:.0f} values/s vs naive log_metric {naive:.0f} values/s ({sink_rate / naive:.1f}x)")
+    process_rate = statistics.median(rates["sink-process"])
+    print(
+        f"sink throughput, writer process: {process_rate:.0f} values/s ({process_rate / naive:.1f}x naive, {process_rate / sink_rate:.2f}x the thread writer)"
+    )
     for title, samples in (("busy", busy), ("idle", idle)):
         if samples["total"]:
             print(f"submit cost ({title} sink): p50 {us(samples['total'], 0.5):.1f} µs, p99 {us(samples['total'], 0.99):.1f} µs")

@@ -51,6 +51,11 @@ class Recorder(pl.Callback):
         self.before: dict[int, dict[str, torch.Tensor]] = {}
         self.update: dict[int, dict[str, float]] = {}
         self.acts: dict[int, dict[str, torch.Tensor]] = {}
+        self.initial: dict[str, torch.Tensor] = {}
+        self.after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        self.initial = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         step = trainer.global_step
@@ -63,6 +68,7 @@ class Recorder(pl.Callback):
         if step not in self.before or step in self.update:
             return
         self.update[step] = {n: p.detach().clone() - self.before[step][n] for n, p in pl_module.named_parameters()}
+        self.after[step] = {n: p.detach() - self.initial[n] for n, p in pl_module.named_parameters()}
         outs: dict[str, torch.Tensor] = {}
         handles = [
             m.register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o.detach().clone())) for n, m in pl_module.net.named_children()
@@ -101,7 +107,8 @@ def test_logged_values_equal_independent_computation(store, precision):
         ratios = _history(client, rid, f"update_ratio/{module}")
         weights = _history(client, rid, f"weight_norm/{module}")
         maxes = _history(client, rid, f"grad_max/{module}")
-        assert sorted(norms) == [0, 3, 6, 9]
+        from_init = _history(client, rid, f"weight_dist_init/{module}")
+        assert sorted(norms) == sorted(from_init) == [0, 3, 6, 9]
         for step in norms:
             assert norms[step] == pytest.approx(_module_norm(rec.grad[step], m), rel=1e-5)
             expect_max = max(t.abs().max().item() for n, t in rec.grad[step].items() if n.startswith(f"net.{m}."))
@@ -109,6 +116,7 @@ def test_logged_values_equal_independent_computation(store, precision):
             w = _module_norm(rec.before[step], m)
             assert weights[step] == pytest.approx(w, rel=1e-5)
             assert ratios[step] == pytest.approx(_module_norm(rec.update[step], m) / w, rel=1e-4)
+            assert from_init[step] == pytest.approx(_module_norm(rec.after[step], m), rel=1e-5)  # after the step
     total = _history(client, rid, "train/grad_norm_total")
     for step, grads in rec.grad.items():
         expect = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads.values()])).item()

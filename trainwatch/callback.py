@@ -75,7 +75,8 @@ class TrainWatch(pl.Callback):
         max_metric_keys: budget of per-group metric keys; large models are grouped into blocks to fit.
         tracking_uri, experiment_name, run_name: where trainwatch opens its own run when the trainer has no
             `MLFlowLogger` (URI: argument, then MLFLOW_TRACKING_URI, then sqlite:///mlflow.db).
-        distance_from_init: keep a copy of the initial weights (1x parameter memory) for `weight_dist_init`.
+        distance_from_init: keep a copy of the initial weights for `weight_dist_init`, off the training device (in
+            pinned host memory beside a GPU, in an unlinked temporary file beside the CPU).
         system_metrics: start MLflow's system-metrics monitor (CPU, RAM, GPU) on the run.
         spool_dir: where records wait on disk while MLflow is unreachable; default `.trainwatch/spool/<run>`.
         writer: "process" runs MLflow's client in a child process, so its Python (SQLAlchemy for a local store)
@@ -306,7 +307,12 @@ class TrainWatch(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.plan is not None
         binding = bind(self.plan, pl_module)
-        self._capture = Capture(binding, pl_module.device, self.distance_from_init)
+        self._capture = Capture(
+            binding,
+            pl_module.device,
+            distance_from_init=self.distance_from_init and trainer.is_global_zero,  # only rank zero measures weights
+            keep_pre_step_buffer=self._n(trainer) == 1,
+        )
         if self.diagnose or self.on_nonfinite != "warn":  # every rank: "stop" and "skip_step" act on all of them
             self._nonfinite = NonfiniteWatch(binding.params, self._capture.param_index, len(binding.param_keys), pl_module.device)
         if self.activations == "probe":
@@ -448,7 +454,7 @@ class TrainWatch(pl.Callback):
     def _finish(self) -> None:
         """Remove hooks, deliver everything (or leave it spooled), close our own run. Idempotent."""
         if self._capture is not None:
-            self._capture.activations.disarm()
+            self._capture.close()
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
@@ -525,7 +531,7 @@ class TrainWatch(pl.Callback):
                 assert self._capture is not None
                 self._packer = Packer(step)
                 if self._due(trainer, step):
-                    self._capture.gradients(self._packer)
+                    self._capture.gradients(self._packer, watch.norms if watch is not None else None)
                     if watch is not None:
                         watch.pack(self._packer)
         if acting and bad is not None and bool(bad):  # the one host sync per step these modes cost

@@ -15,13 +15,14 @@ from trainwatch.groups import Binding
 from trainwatch.probes import gradients as G
 from trainwatch.probes._scope import untouched
 from trainwatch.probes.activations import ActivationProbe, pool_summaries, saturation_kind
+from trainwatch.probes.initial import InitialWeights
 from trainwatch.record import Packer
 
 
 class Capture:
     """Per-run tensors (group indices, init snapshot) and the measurements of one logged step."""
 
-    def __init__(self, binding: Binding, device: torch.device, distance_from_init: bool) -> None:
+    def __init__(self, binding: Binding, device: torch.device, distance_from_init: bool, keep_pre_step_buffer: bool = False) -> None:
         self.b = binding
         self.device = device
         self.param_index = torch.tensor(binding.param_index, device=device, dtype=torch.long)
@@ -32,9 +33,12 @@ class Capture:
         saturating = sorted({g for g, m in zip(binding.act_index, binding.act_modules, strict=True) if saturation_kind(m)})
         self._sat_groups = torch.tensor(saturating, device=device, dtype=torch.long)
         self._sat_keys = [binding.act_keys[g] for g in saturating]
-        self._init = G.snapshot(binding.params) if distance_from_init and binding.params else None
+        self._init = InitialWeights(binding.params) if distance_from_init and binding.params else None
         self._before: list[Tensor] | None = None
-        self._scratch: list[Tensor] | None = None  # on the CPU, the pre-step copy's buffer, kept (see `G.copy_into`)
+        # The pre-step copy is transient (it fits in the memory the forward's activations left), except on the CPU
+        # when every step is logged: there a fresh copy page-faults at every step (see `G.copy_into`).
+        self._keep_buffer = keep_pre_step_buffer and device.type == "cpu"
+        self._scratch: list[Tensor] | None = None
         self._weight_norms: Tensor | None = None
         self._grad: G.TensorStats | None = None
 
@@ -42,12 +46,12 @@ class Capture:
     def n_param_groups(self) -> int:
         return len(self.b.param_keys)
 
-    def gradients(self, packer: Packer) -> None:
+    def gradients(self, packer: Packer, l2: Tensor | None = None) -> None:
         """Gradient statistics now (accumulated, unscaled, reduced, not yet clipped), and the weights
-        before the optimizer step, for the update ratio."""
+        before the optimizer step, for the update ratio. `l2`: this step's per-parameter gradient norms, if known."""
         if not self.b.params:
             return
-        stats = G.grad_stats(self.b.params, self.numel)
+        stats = G.grad_stats(self.b.params, self.numel, l2)
         self._grad = stats
         grouped = G.group_grad_stats(stats, self.param_index, self.n_param_groups)
         keys = self.b.param_keys
@@ -59,7 +63,7 @@ class Capture:
         packer.metric("train/grad_nonfinite_total", stats.nonfinite.sum())
         self._weight_norms = G.norms([p.detach() for p in self.b.params], 2.0)
         self._before = G.copy_into(self._scratch, self.b.params)
-        if self.device.type == "cpu":
+        if self._keep_buffer:
             self._scratch = self._before
 
     def updates(self, packer: Packer) -> None:
@@ -72,10 +76,7 @@ class Capture:
         packer.metrics("weight_norm", keys, weight)
         packer.metrics("update_ratio", keys, G.pooled_norm(update, self.param_index, n) / weight.clamp_min(1e-12))
         if self._init is not None:
-            if self._scratch is not None:  # the pre-step copy is spent: reuse its buffer
-                distance = G.distance_norms_into(self._scratch, self.b.params, self._init)
-            else:
-                distance = G.distance_norms(self.b.params, self._init)
+            distance = self._init.distances(self.b.params)
             packer.metrics("weight_dist_init", keys, G.pooled_norm(distance, self.param_index, n))
         self._before = None
         g = self._grad
@@ -83,6 +84,14 @@ class Capture:
         table = torch.stack([g.sq_norm.sqrt(), g.max_abs, g.nonfinite, zero_frac, self._weight_norms, update, g.numel], dim=1)
         packer.array("param_stats", table)
         self._grad = None
+
+    def close(self) -> None:
+        """Remove the activation hooks and drop the initial weights' copy. Idempotent."""
+        self.activations.disarm()
+        if self._init is not None:
+            self._init.close()
+            self._init = None
+        self._scratch = self._before = None
 
     def probe_activations(self, model: nn.Module, inputs: object, reduce: Callable[[Tensor], Tensor], packer: Packer | None) -> None:
         """Forward the fixed probe batch in eval mode, leaving the model untouched; summaries are summed

@@ -79,8 +79,6 @@ def test_update_and_distance_norms():
     with torch.no_grad():
         p[0].add_(torch.tensor([3.0, 4.0]))
     assert G.update_norms(p, before).tolist() == [5.0, 0.0]
-    ref = [torch.zeros(2), torch.zeros(1)]
-    assert G.distance_norms(p, ref).tolist() == pytest.approx([math.hypot(4, 6), 3.0])
 
 
 def test_empty_input_is_an_error():
@@ -111,15 +109,13 @@ def test_cpu_max_abs_and_nonzero_equal_the_fused_norms_used_on_cuda(dtype):
     assert G.max_abs(ts).dtype == G.count_nonzero(ts).dtype == torch.float32
 
 
-def test_distance_into_a_reused_buffer_equals_a_fresh_one():
+def test_copy_into_reuses_its_buffer():
     g = torch.Generator().manual_seed(3)
     p = [torch.nn.Parameter(torch.randn(4, 3, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
-    ref = [torch.randn(4, 3, generator=g), torch.randn(5, generator=g)]
     scratch = G.copy_into(None, p)
     assert all(s.data_ptr() != q.data_ptr() for s, q in zip(scratch, p, strict=True))
     assert G.copy_into(scratch, p) is scratch  # reused, not reallocated
-    assert torch.equal(G.distance_norms_into(scratch, p, ref), G.distance_norms(p, ref))
-    assert torch.equal(p[0].detach(), p[0].detach().clone())  # params untouched
+    assert all(torch.equal(s, q.detach()) for s, q in zip(scratch, p, strict=True))
 
 
 def test_float64_tensors_get_float32_statistics():

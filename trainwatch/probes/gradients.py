@@ -11,8 +11,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-# Temporary buffers (the non-finite mask, the distance from initialisation) are built in chunks of at most
-# this many elements, so a logged step never allocates a second copy of a large model at once.
+# Temporary buffers (the non-finite mask) are built in chunks of at most this many elements, so a logged step
+# never allocates a second copy of a large model at once.
 CHUNK_NUMEL = 1 << 24
 
 
@@ -104,15 +104,16 @@ def numels(tensors: Sequence[Tensor]) -> Tensor:
     return torch.tensor([float(t.numel()) for t in tensors]).to(tensors[0].device)
 
 
-def tensor_stats(tensors: Sequence[Tensor], numel: Tensor | None = None) -> TensorStats:
+def tensor_stats(tensors: Sequence[Tensor], numel: Tensor | None = None, l2: Tensor | None = None) -> TensorStats:
     """Norm, max |x|, non-finite and zero counts of every tensor, with a handful of fused kernels.
 
     `numel` (from `numels`) may describe larger tensors than given: a 1-element zero stand-in for a missing
-    gradient then counts as `numel` zeros.
+    gradient then counts as `numel` zeros. `l2`: the per-tensor L2 norms when already computed this step (by
+    the non-finite check), so they are not computed twice.
     """
     if not tensors:
         raise ValueError("tensor_stats needs at least one tensor, got an empty sequence")
-    l2 = norms(tensors, 2.0)
+    l2 = norms(tensors, 2.0) if l2 is None else l2
     numel = numels(tensors) if numel is None else numel
     nonzero = count_nonzero(tensors)  # counts NaN as non-zero, so zeros are exact zeros only
     largest = max_abs(tensors)
@@ -162,20 +163,13 @@ def snapshot(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 
 def copy_into(buffers: list[Tensor] | None, tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Detached copies of `tensors` written into `buffers` (allocated on the first call, then reused). On the CPU a
-    fresh copy of a large model page-faults on every call (16 ms for ResNet-18 against 2 ms into a reused buffer);
-    on CUDA the caching allocator makes `snapshot` as cheap and frees the memory between logged steps."""
+    """Detached copies of `tensors` written into `buffers` (allocated on the first call), or fresh copies when
+    `buffers` is None. On the CPU a fresh copy of a large model page-faults on every call (16 ms for ResNet-18
+    against 2 ms into a reused buffer); on CUDA the caching allocator makes a fresh copy as cheap."""
     if buffers is None:
         return snapshot(tensors)
     torch._foreach_copy_(buffers, [t.detach() for t in tensors])
     return buffers
-
-
-def distance_norms_into(scratch: list[Tensor], params: Sequence[Tensor], reference: Sequence[Tensor]) -> Tensor:
-    """Per-parameter ‖w − w_ref‖ computed in `scratch` (same shapes, overwritten): no temporary at all."""
-    torch._foreach_copy_(scratch, [p.detach() for p in params])
-    torch._foreach_sub_(scratch, list(reference))
-    return norms(scratch, 2.0)
 
 
 def update_norms(params: Sequence[Tensor], before: list[Tensor]) -> Tensor:
@@ -184,26 +178,14 @@ def update_norms(params: Sequence[Tensor], before: list[Tensor]) -> Tensor:
     return norms(before, 2.0)
 
 
-def distance_norms(params: Sequence[Tensor], reference: Sequence[Tensor]) -> Tensor:
-    """Per-parameter ‖w − w_ref‖, with temporaries bounded by CHUNK_NUMEL elements."""
-    pairs = list(zip(params, reference, strict=True))
-    out: list[Tensor] = []
-    start = 0
-    for chunk in _chunks([p for p, _ in pairs]):
-        refs = [r for _, r in pairs[start : start + len(chunk)]]
-        out.append(norms(torch._foreach_sub([p.detach() for p in chunk], refs), 2.0))
-        start += len(chunk)
-    return torch.cat(out)
-
-
 def pooled_norm(per_tensor_norms: Tensor, group_index: Tensor, num_groups: int) -> Tensor:
     """Group L2 norm from per-tensor L2 norms."""
     return group_sum(per_tensor_norms.square(), group_index, num_groups).sqrt()
 
 
-def grad_stats(params: Sequence[Tensor], numel: Tensor | None = None) -> TensorStats:
+def grad_stats(params: Sequence[Tensor], numel: Tensor | None = None, l2: Tensor | None = None) -> TensorStats:
     """`tensor_stats` of every parameter's `.grad`; a parameter without a gradient counts as all zeros
     (through a 1-element zero stand-in, so no index has to be built on the host)."""
     numel = numels(params) if numel is None else numel
     stand_in = numel.new_zeros(1)
-    return tensor_stats([p.grad if p.grad is not None else stand_in for p in params], numel)
+    return tensor_stats([p.grad if p.grad is not None else stand_in for p in params], numel, l2)
