@@ -1,8 +1,8 @@
 """The weights at initialisation, kept off the training device, for the distance from initialisation ‖w − w₀‖.
 
 A copy beside the model would hold one more parameter's worth of memory for the whole run. Next to a GPU the copy
-lives in pinned host memory and comes back in chunks by non-blocking copies (no host sync); next to the CPU it is
-an unlinked temporary file, held by the page cache rather than by the process, read back chunk by chunk at
+lives in pinned host memory and comes back in chunks by non-blocking copies (no host sync); next to the CPU (or
+another accelerator) it is an unlinked temporary file, held by the page cache rather than by the process, read back chunk by chunk at
 logged steps. Either way the training device holds one chunk at a time, and only while the distances are computed.
 """
 
@@ -108,7 +108,7 @@ class InitialWeights:
             return torch.empty(chunk.nbytes, dtype=torch.uint8, device=self.device).copy_(part, non_blocking=True)
         raw = self._buffer[: chunk.nbytes]
         self._file.readinto(raw.numpy())  # the chunks are read in file order
-        return raw
+        return raw if self.device.type == "cpu" else raw.to(self.device)  # e.g. Apple's "mps"
 
     def close(self) -> None:
         """Drop the copy (the file is deleted when closed)."""
