@@ -52,13 +52,10 @@ def module_outputs(model: torch.nn.Module, inputs: Tensor) -> list[Tensor]:
     return outs
 
 
-def median_ms(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+def elapsed_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t0)
 
 
 def bench_model(name: str, samples: int, repeats: int, device: torch.device, sync) -> None:
@@ -77,10 +74,10 @@ def bench_model(name: str, samples: int, repeats: int, device: torch.device, syn
     times: dict[str, list[float]] = {"ours": [], "ref": [], "summary": [], "forward": []}
     for r in range(repeats):  # interleaved, so drift hits every side alike
         for label, fn in (("ours", ours), ("ref", ref)) if r % 2 == 0 else (("ref", ref), ("ours", ours)):
-            times[label].append(median_ms(fn, 1))
-        times["summary"].append(median_ms(lambda: ([A.activation_summary(o) for o in outs], sync()), 1))
+            times[label].append(elapsed_ms(fn))
+        times["summary"].append(elapsed_ms(lambda: ([A.activation_summary(o) for o in outs], sync())))
         with torch.no_grad():
-            times["forward"].append(median_ms(lambda: (model(inputs), sync()), 1))
+            times["forward"].append(elapsed_ms(lambda: (model(inputs), sync())))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"  histogram   ours {med['ours']:8.2f} ms   bucketize reference {med['ref']:8.2f} ms   ratio {med['ref'] / med['ours']:5.1f}x")
     print(f"  summary     ours {med['summary']:8.2f} ms   (histogram, sums and dead units of every module)")

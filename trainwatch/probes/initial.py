@@ -2,8 +2,9 @@
 
 A copy beside the model would hold one more parameter's worth of memory for the whole run. Next to a GPU the copy
 lives in pinned host memory and comes back in chunks by non-blocking copies (no host sync); next to the CPU (or
-another accelerator) it is an unlinked temporary file, held by the page cache rather than by the process, read back chunk by chunk at
-logged steps. Either way the training device holds one chunk at a time, and only while the distances are computed.
+another accelerator) it is an unlinked temporary file, held by the page cache rather than by the process, read
+back chunk by chunk at logged steps. Either way the training device holds one chunk at a time, and only while the
+distances are computed.
 """
 
 from __future__ import annotations
