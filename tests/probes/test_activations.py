@@ -52,6 +52,16 @@ def test_histogram_is_exact_at_edges_subnormals_signed_zero_and_signed_nan():
     np.testing.assert_array_equal(A.histogram_counts(x.double()).numpy(), expect)
 
 
+def test_sync_free_slot_counts_stay_exact_beyond_float32_integers():
+    """The CUDA counting path (histc, run here on the CPU) with more than 2^24 elements in one slot, as the zero
+    slot of a large probe's ReLU outputs: one histc call would count 2^24 + 3 as 2^24 + 4."""
+    slots = torch.cat([torch.tensor([1, 2, 2, 6, 7]), torch.zeros((1 << 24) + 3, dtype=torch.int64)])
+    expect = torch.bincount(slots, minlength=8).double()
+    assert torch.histc(slots.float(), bins=8, min=0, max=8)[0].item() != expect[0].item()  # the float32 limit is real
+    assert torch.equal(A._histc_counts(slots, 8), expect)
+    assert torch.equal(A._histc_counts(slots[:1000], 8, chunk=7), torch.bincount(slots[:1000], minlength=8).double())
+
+
 def test_summary_columns_match_torch():
     g = torch.Generator().manual_seed(1)
     x = torch.relu(torch.randn(16, 4, 5, generator=g))

@@ -60,10 +60,20 @@ def _histogram_from_bits(bits: Tensor, edges: Tensor) -> Tensor:
     fine = cell.add_(cell).add_(above)
     if fine.device.type == "cpu":  # bincount is ~4x faster than histc on CPU but synchronises on CUDA
         counts = torch.bincount(fine, minlength=2 * _CELLS)  # int64
-    else:  # float32 counts are exact per cell (< 2^24 elements); their sums are taken in float64
-        counts = torch.histc(fine.to(torch.float32), bins=2 * _CELLS, min=0, max=2 * _CELLS).to(torch.float64)
+    else:
+        counts = _histc_counts(fine, 2 * _CELLS)
     folded = torch.zeros(num_bins(edges), dtype=counts.dtype, device=bits.device).index_add_(0, fold, counts)
     return folded.to(torch.float64)
+
+
+def _histc_counts(slots: Tensor, n: int, chunk: int = 1 << 24) -> Tensor:
+    """Exact float64 counts of the integers 0..n-1 in `slots`, without a host sync (`torch.bincount` on CUDA
+    reads the input's max first). `histc` counts in float32, exact only up to 2^24 per bin, so it sees at most
+    that many elements per call: ReLU outputs of a large probe batch put more than half of them in one bin."""
+    counts = torch.zeros(n, dtype=torch.float64, device=slots.device)
+    for part in slots.split(chunk):
+        counts += torch.histc(part.to(torch.float32), bins=n, min=0, max=n)
+    return counts
 
 
 _CELL_SHIFT = 19  # bits >> 19: 13 bits, the sign, the 8 exponent bits and the top 4 mantissa bits
