@@ -390,3 +390,142 @@ def test_system_metrics_land_in_the_same_run(store):
     _, run = _only_run(store)
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
     assert "train/step_ms" in run.data.metrics and run.data.metrics["train/step_ms"] >= 400
+
+
+class ScheduledClassifier(Classifier):
+    """Adam with a per-step LambdaLR; `used_lr[step]` is the rate the optimizer steps with."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net, lr=0.1)
+        self.used_lr: dict[int, float] = {}
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        self.used_lr[self.trainer.global_step] = optimizer.param_groups[0]["lr"]
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class PreClipNorm(pl.Callback):
+    """The total gradient norm where TrainWatch reads it, and after Lightning's clipping."""
+
+    def __init__(self) -> None:
+        self.before: dict[int, float] = {}
+        self.clipped: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad.reshape(-1) for p in pl_module.parameters()]
+        self.before[trainer.global_step] = torch.linalg.vector_norm(torch.cat(grads)).item()
+
+    def on_before_zero_grad(self, trainer, pl_module, optimizer):  # before the next batch's backward
+        if all(p.grad is not None for p in pl_module.parameters()):
+            grads = [p.grad.reshape(-1) for p in pl_module.parameters()]
+            self.clipped[trainer.global_step - 1] = torch.linalg.vector_norm(torch.cat(grads)).item()
+
+
+def test_learning_rate_is_the_one_each_step_used_and_gradients_are_read_before_clipping(store):
+    pl.seed_everything(0)
+    train, val = loaders(blobs(n=128), batch_size=16)
+    model, clip = ScheduledClassifier(mlp()), PreClipNorm()
+    watch = TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False, activations="off")
+    trainer(max_steps=6, gradient_clip_val=0.05, callbacks=[watch, clip]).fit(model, train, val)
+    client, run = _only_run(store)
+    lr = _history(client, run.info.run_id, "train/lr/opt0_group0")
+    assert lr == pytest.approx(model.used_lr) and lr[2] == pytest.approx(0.1 / 3)  # LambdaLR: 0.1/(1+step)
+    total = _history(client, run.info.run_id, "train/grad_norm_total")
+    assert total == pytest.approx(clip.before, rel=1e-5)
+    assert len(clip.clipped) == 5 and all(total[s] > 0.05 for s in clip.clipped)  # so clipping changed these gradients
+    assert clip.clipped == pytest.approx(dict.fromkeys(clip.clipped, 0.05), rel=1e-3)  # ...after TrainWatch read them
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization with one optimizer per sub-network, as in a GAN: each batch steps `a`, then `b`.
+    Records, per global step, the gradients each step used and the weights before and after it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+        self.grads: dict[int, dict[str, torch.Tensor]] = {}
+        self.moved: dict[int, dict[str, torch.Tensor]] = {}
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for optimizer, part in zip(self.optimizers(), ("a", "b"), strict=True):
+            loss = nn.functional.cross_entropy(self(x), y)
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            step = self.trainer.global_step
+            before = {n: p.detach().clone() for n, p in self.named_parameters()}
+            self.grads[step] = {n: p.grad.clone() for n, p in self.named_parameters() if n.startswith(part)}
+            optimizer.step()
+            self.moved[step] = {n: p.detach() - before[n] for n, p in self.named_parameters()}
+            assert self.trainer.global_step == step + 1
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.a.parameters(), lr=0.01), torch.optim.SGD(self.b.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize(("every", "logged"), [(1, list(range(8))), (4, [0, 1, 4, 5])])
+@pytest.mark.parametrize("activations", ["probe", "live"])
+def test_two_optimizers_give_one_record_per_optimizer_step(store, every, logged, activations):
+    """Each batch is two global steps (a's, then b's); a logged batch logs both, whatever the cadence's parity."""
+    pl.seed_everything(0)
+    train, _ = loaders(blobs(n=64), batch_size=16)
+    model = TwoOptimizers()
+    probe = torch.zeros(4, 8) if activations == "probe" else None
+    watch = TrainWatch(every_n_steps=every, activations=activations, tracking_uri=store, system_metrics=False, probe_batch=probe)
+    trainer(max_steps=8, callbacks=[watch]).fit(model, train)
+    client, run = _only_run(store)
+    rid = run.info.run_id
+    # live hooks see the batch's forwards once, with its first optimizer step; the probe runs at every record
+    act_steps = logged if activations == "probe" else logged[::2]
+    assert sorted(_history(client, rid, "act_mean/a")) == act_steps
+    if activations == "live":  # the batch's forward up to its first backward: 16 samples of 8 units, nothing else
+        hist = _npz(client, rid, "trainwatch/histograms/activations/part-00000.npz")
+        assert hist["values"][:, list(hist["names"]).index("a"), 0].tolist() == [16 * 8] * len(act_steps)
+    for part in ("a", "b"):
+        norms, ratios = _history(client, rid, f"grad_norm/{part}"), _history(client, rid, f"update_ratio/{part}")
+        assert sorted(norms) == sorted(ratios) == logged
+        for step in logged:
+            moved = torch.cat([t.reshape(-1) for n, t in model.moved[step].items() if n.startswith(part)])
+            weights = torch.cat([p.detach().reshape(-1) for n, p in model.named_parameters() if n.startswith(part)])
+            stepped = (step % 2 == 0) == (part == "a")  # even global steps are a's optimizer, odd ones b's
+            assert (ratios[step] > 0) == stepped  # the other optimizer's step leaves this part where it was
+            assert (moved.abs().max().item() > 0) == stepped
+            if stepped:
+                expect = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in model.grads[step].values()])).item()
+                assert norms[step] == pytest.approx(expect, rel=1e-5)
+                # weights after training vs the weights then: only a loose check of the ratio's scale
+                assert ratios[step] == pytest.approx(
+                    torch.linalg.vector_norm(moved).item() / torch.linalg.vector_norm(weights).item(), rel=0.5
+                )
+
+
+class SometimesSkips(Classifier):
+    """Computes the loss but returns None (no backward, no optimizer update) on odd batches, as a loop that drops
+    a batch with a bad loss does."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if batch_idx % 2 else loss
+
+
+def test_live_hooks_come_off_after_a_batch_that_skipped_its_step(store):
+    pl.seed_everything(0)
+    train, val = loaders(blobs(n=128), batch_size=16)
+    model = SometimesSkips(mlp())
+    watch = TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False, activations="live")
+    trainer(max_steps=3, callbacks=[watch], limit_val_batches=1, val_check_interval=2).fit(model, train, val)
+    assert not any(m._forward_hooks for m in model.modules())
+    client, run = _only_run(store)
+    hist = _npz(client, run.info.run_id, "trainwatch/histograms/activations/part-00000.npz")
+    net0 = list(hist["names"]).index("net.0")
+    # each logged step saw its one training forward of 16 samples, never a validation batch (64 samples)
+    assert hist["values"][:, net0, 0].tolist() == [16 * 16] * len(hist["step"])

@@ -218,7 +218,7 @@ def test_close_warns_once_however_often_it_is_called(make_sink, recwarn):
     assert len(kept_in_spool(recwarn)) == 1
 
 
-def test_full_queue_never_blocks_submit_and_keeps_everything_in_order(run, make_sink):
+def test_full_queue_never_blocks_submit_and_keeps_everything_in_order(run, make_sink, caplog):
     client, run_id = run
     sink, link = make_sink(queue_size=1)
     link.gate.clear()  # the worker blocks in its first delivery until the gate opens
@@ -232,6 +232,8 @@ def test_full_queue_never_blocks_submit_and_keeps_everything_in_order(run, make_
     assert not submitter.is_alive(), "submit blocked while the worker was stuck in a delivery"
     assert not link.gate.is_set() and link.calls == 1  # the worker really was stuck the whole time
     assert sink.stats.overflowed >= 998  # the queue holds one item; the worker is stuck
+    said = [r.getMessage() for r in caplog.records if "queue (1 records) is full" in r.getMessage()]
+    assert len(said) == 1 and "none is dropped" in said[0]  # said once, when it happened
     link.gate.set()
     assert sink.flush(timeout=120)
     assert steps_of(client, run_id, "a") == list(range(1001))

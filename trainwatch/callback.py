@@ -209,7 +209,10 @@ class TrainWatch(pl.Callback):
         self._monitor: Any = None
         self._probe_inputs: Tensor | None = None
         self._packer: Packer | None = None
-        self._due_step: int | None = None
+        self._due_step: int | None = None  # the logged optimizer step whose record is open
+        self._due_at = 0  # global_step at the start of that step's batch, which the cadence is tested on
+        self._batch_at = 0  # global_step at the start of the current batch
+        self._live_at: int | None = None  # the batch whose training forward the live hooks summarised
         self._throughput = dynamics.Throughput()
         self._status = "FINISHED"
         self._nonfinite: NonfiniteWatch | None = None
@@ -509,10 +512,12 @@ class TrainWatch(pl.Callback):
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._throughput.add_samples(dynamics.batch_size(batch))
+        self._batch_at = trainer.global_step
         first_micro_batch = batch_idx % trainer.accumulate_grad_batches == 0
         if self.activations == "live" and first_micro_batch and self._act_due(trainer, trainer.global_step):
             assert self._capture is not None
             self._capture.activations.arm()
+            self._live_at = trainer.global_step
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -521,17 +526,23 @@ class TrainWatch(pl.Callback):
 
     @override
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        step = trainer.global_step
+        """Gradients of a logged step. The cadence is tested on the batch's first global_step, so a batch that
+        steps several optimizers (each one a global_step) logs all of them or none."""
+        step, at = trainer.global_step, self._batch_at
+        if self._due_step is not None and step > self._due_step:
+            self._complete(trainer, pl_module)  # several optimizers per batch: the previous one's step is done
         acting = self.on_nonfinite != "warn"
         watch = self._nonfinite if (acting or trainer.is_global_zero) else None  # "warn" needs it on rank zero only
         bad = watch.check(step) if watch is not None else None
-        if self._due_step != step and (self._due(trainer, step) or self._act_due(trainer, step) or self._cam_due(step)):
-            self._due_step = step
+        if self._due_step != step and (self._due(trainer, at) or self._act_due(trainer, at) or self._cam_due(at)):
+            self._due_step, self._due_at = step, at
             if trainer.is_global_zero:
                 assert self._capture is not None
                 self._packer = Packer(step)
-                if self._due(trainer, step):
+                if self._due(trainer, at):
                     self._capture.gradients(self._packer, watch.norms if watch is not None else None)
+                    # read now: Lightning steps "step"-interval schedulers before on_train_batch_end
+                    self._packer.host_metrics.update(dynamics.learning_rates(trainer.optimizers))
                     if watch is not None:
                         watch.pack(self._packer)
         if acting and bad is not None and bool(bad):  # the one host sync per step these modes cost
@@ -553,33 +564,38 @@ class TrainWatch(pl.Callback):
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        step = self._due_step
-        if step is None or trainer.global_step <= step:
-            return  # no logged optimizer step has completed since the last record
+        if self._capture is not None and self.activations == "live":
+            self._capture.activations.disarm()  # a training_step that returned None ran no backward
+        if self._due_step is not None and trainer.global_step > self._due_step:
+            self._complete(trainer, pl_module)
+
+    def _complete(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """After the logged optimizer step: updates, activations, CAM and dynamics, then hand the record over."""
+        at = self._due_at
         self._due_step = None
         capture, packer = self._capture, self._packer
         assert capture is not None
         if packer is not None:
             capture.updates(packer)
-        if self._act_due(trainer, step):
+        if self._act_due(trainer, at):
             reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")
             if self.activations == "probe":
                 capture.probe_activations(pl_module, self._probe_inputs, reduce, packer)
-            else:
+            elif self._live_at == at:  # the batch's one training forward goes with its first optimizer step
+                self._live_at = None
                 capture.pack_activations(reduce(capture.activations.collect(pl_module.device)), packer)
-        if self._cam_due(step) and packer is not None:
+        if self._cam_due(at) and packer is not None:
             assert self._cam is not None
             self._cam.snapshot(pl_module, packer)
         if packer is None or self.sink is None:
             return
         self._packer = None
-        if self._due(trainer, step):
+        if self._due(trainer, at):
             self._dynamics(trainer, pl_module, packer)
         self.sink.submit(packer.ship())
 
     def _dynamics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, packer: Packer) -> None:
-        packer.host_metrics.update(dynamics.learning_rates(trainer.optimizers))
-        packer.host_metrics.update(self._throughput.lap(trainer.global_step))
+        packer.host_metrics.update(self._throughput.lap(trainer.global_step, trainer.world_size))
         peak = dynamics.peak_memory_mb(pl_module.device)
         if peak is not None:
             packer.host_metrics["train/peak_memory_mb"] = peak

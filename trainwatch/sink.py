@@ -496,6 +496,13 @@ class MlflowSink:
         self.stats.submitted += 1
         if not self._enqueue(item):
             self.stats.overflowed += 1
+            if self.stats.overflowed == 1:
+                log.warning(
+                    "trainwatch: %s takes records more slowly than training makes them: the sink queue (%d records) is "
+                    "full. Later records wait in memory, in order; none is dropped. A larger every_n_steps, or a tracking "
+                    "server closer to this machine, lets it keep up.",
+                    self._describe, self._queue.maxsize,
+                )  # fmt: skip
 
     def _enqueue(self, item: object) -> bool:
         """Queue `item` (True) or park it (False); never blocks. Once an item is parked, later ones are parked

@@ -60,10 +60,11 @@ class Throughput:
     def add_samples(self, n: int) -> None:
         self._samples += n
 
-    def lap(self, step: int) -> dict[str, float]:
+    def lap(self, step: int, world_size: int = 1) -> dict[str, float]:
+        """Rates since the last lap; samples/s over all ranks, which see batches of the same size under DDP."""
         now = time.perf_counter()
         elapsed, steps = now - self._t0, step - self._step0
-        out = {"train/samples_per_s": self._samples / elapsed} if elapsed > 0 and self._samples else {}
+        out = {"train/samples_per_s": world_size * self._samples / elapsed} if elapsed > 0 and self._samples else {}
         if steps > 0:
             out["train/step_ms"] = 1000 * elapsed / steps
         self._t0, self._step0, self._samples = now, step, 0
