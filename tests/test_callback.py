@@ -146,6 +146,10 @@ def test_logged_values_equal_independent_computation(store, precision):
             assert table["values"][i, names.index(name), cols.index("grad_norm")] == pytest.approx(expect, rel=1e-5)
     groups = client.download_artifacts(rid, "trainwatch/groups.json")
     assert '"key": "net.0"' in open(groups).read()
+    # the histogram evolution image, through log_image(key=..., step=...): drawn at the first snapshot and at the end
+    images = [f.path for f in client.list_artifacts(rid, "images") if "activation_histograms" in f.path and f.path.endswith(".png")]
+    assert {int(p.split("+step+")[1].split("+")[0]) for p in images} == {0, 9}, images
+    assert Path(client.download_artifacts(rid, images[0])).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert run.data.tags["trainwatch.version"]
     assert "train_loss" in run.data.metrics and "train/lr/opt0_group0" in run.data.metrics
     assert run.info.status == "FINISHED"
