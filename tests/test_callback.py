@@ -194,10 +194,14 @@ def test_mlflow_logger_run_is_used(tmp_path, monkeypatch):
     assert not (tmp_path / "mlflow.db").exists()  # nothing went to the default store
 
 
-def test_own_run_uses_env_uri_then_default(tmp_path, monkeypatch):
+def test_own_run_uses_argument_then_env_uri_then_default(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     train, val = loaders(blobs(n=32), batch_size=16)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/env.db")
+    watch = TrainWatch(every_n_steps=1, system_metrics=False, tracking_uri=f"sqlite:///{tmp_path}/arg.db")
+    trainer(max_steps=2, callbacks=[watch]).fit(Classifier(mlp()), train, val)
+    _only_run(f"sqlite:///{tmp_path}/arg.db")
+    assert not (tmp_path / "env.db").exists()  # the argument wins over the environment
     trainer(max_steps=2, callbacks=[TrainWatch(every_n_steps=1, system_metrics=False)]).fit(Classifier(mlp()), train, val)
     _only_run(f"sqlite:///{tmp_path}/env.db")
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
