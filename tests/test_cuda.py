@@ -56,3 +56,32 @@ def test_bit_identical_on_cuda(store):
     watched = run([TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False)])
     for name, tensor in bare.items():
         assert torch.equal(tensor, watched[name]), name
+
+
+class UnscaledNorm(pl.Callback):
+    """After TrainWatch in the list: the total gradient norm it should see, and the loss scale at that step."""
+
+    def __init__(self) -> None:
+        self.norm: dict[int, float] = {}
+        self.scale: dict[int, float] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad.reshape(-1).float() for p in pl_module.parameters() if p.grad is not None]
+        self.norm[trainer.global_step] = torch.linalg.vector_norm(torch.cat(grads)).item()
+        self.scale[trainer.global_step] = trainer.precision_plugin.scaler.get_scale()
+
+
+def test_gradients_are_logged_unscaled_under_fp16_amp(store):
+    from mlflow.tracking import MlflowClient
+
+    pl.seed_everything(0)
+    train, val = loaders(images(n=64), batch_size=8)
+    seen = UnscaledNorm()
+    watch = TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False)
+    trainer(max_steps=6, accelerator="cuda", precision="16-mixed", callbacks=[watch, seen]).fit(Classifier(cnn()), train, val)
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("trainwatch").experiment_id])
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/grad_norm_total")}
+    assert sorted(logged) == sorted(seen.norm) == list(range(6))
+    assert all(seen.scale[s] > 1 for s in logged)  # the loss really was scaled, so a scaled norm would differ
+    assert logged == pytest.approx(seen.norm, rel=1e-4)
