@@ -207,3 +207,29 @@ def test_bad_grid_settings_fail_before_any_work(steps, span, match):
 def test_landscape_names_cannot_leave_their_folder(name):
     with pytest.raises(ValueError, match="must not leave it"):
         LandscapeSpec(name=name)
+
+
+class _Recurrent(nn.Module):
+    """An LSTM classifier: vmap cannot batch its parameters, so "auto" must fall back to the loop."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.rnn, self.head = nn.Embedding(20, 8), nn.LSTM(8, 16, batch_first=True), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(self.emb(x))[0][:, -1])
+
+
+@pytest.mark.parametrize(("make", "steps", "chunk"), [(_Recurrent, 5, 64), (_Recurrent, 1, 64), (_trained_bn_cnn, 5, 1)])
+def test_auto_mode_falls_back_to_the_loop_when_vmap_cannot_serve(make, steps, chunk):
+    torch.manual_seed(0)
+    model = make()
+    if make is _Recurrent:
+        g = torch.Generator().manual_seed(1)
+        data = [(torch.randint(0, 20, (16, 6), generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(2)]
+    else:
+        data = _data()
+    auto = compute_landscape(model, data, LandscapeSpec(steps=steps, span=0.4, mode="auto", seed=3, chunk=chunk))
+    loop = compute_landscape(model, data, LandscapeSpec(steps=steps, span=0.4, mode="loop", seed=3, chunk=chunk))
+    assert np.isfinite(auto.loss).all()
+    np.testing.assert_allclose(auto.loss, loop.loss, rtol=1e-5)

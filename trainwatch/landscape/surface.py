@@ -216,10 +216,11 @@ class Surface:
                 continue  # a module vmap cannot batch (or out of memory): the loop serves
             per_point[engine] = (time.perf_counter() - t0) / (part.stop - part.start)
             timed.append((part, losses.cpu().numpy(), acc.cpu().numpy() if acc is not None else None))
-        covered = timed[-1][0].stop if timed else 0
-        if "vmap" not in per_point and covered < parts[1][0].stop:  # vmap failed: the loop evaluates its points
-            losses, acc = self._loop(coords[covered : parts[1][0].stop])
-            timed.append((slice(covered, parts[1][0].stop), losses.cpu().numpy(), acc.cpu().numpy() if acc is not None else None))
+        for engine, part in parts:
+            if engine not in per_point and part.stop > part.start:  # that engine failed: one that works takes its points
+                losses, acc = (self._vmap if "vmap" in per_point else self._loop)(coords[part])  # both failed: the loop's error
+                timed.append((part, losses.cpu().numpy(), acc.cpu().numpy() if acc is not None else None))
+        timed.sort(key=lambda t: t[0].start)
         self.timings = per_point
         return min(per_point, key=per_point.get) if per_point else "loop", timed
 
