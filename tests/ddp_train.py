@@ -1,6 +1,6 @@
 """Run by test_ddp.py as a script: Lightning's `ddp` strategy relaunches this file once per rank.
 
-    ddp_train.py URI EVERY ACT_EVERY [DEVICES BATCH_PER_DEVICE ORDERED]
+    ddp_train.py URI EVERY ACT_EVERY [DEVICES BATCH_PER_DEVICE ORDERED] [--landscape]
 
 ORDERED=1 trains a dropout-free MLP so that 2 ranks of batch b see, step by step, the same samples as 1 process of
 batch 2b, and so train the same weights: under DDP Lightning deals the training set with a shuffling
@@ -22,8 +22,10 @@ from tests.models import Classifier, blobs, loaders, mlp, trainer
 from trainwatch import TrainWatch
 
 if __name__ == "__main__":
-    uri, every, act_every = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-    devices, batch, ordered = (int(a) for a in sys.argv[4:7]) if len(sys.argv) > 4 else (2, 16, 0)
+    landscape = "--landscape" in sys.argv  # TrainWatch(landscape_at_end=True), which rank zero computes alone
+    args = [a for a in sys.argv if a != "--landscape"]
+    uri, every, act_every = args[1], int(args[2]), int(args[3])
+    devices, batch, ordered = (int(a) for a in args[4:7]) if len(args) > 4 else (2, 16, 0)
     pl.seed_everything(0)
     data = blobs(n=256)
     if ordered:
@@ -34,7 +36,13 @@ if __name__ == "__main__":
         net = mlp()
         train, val = loaders(data, batch_size=batch)
     watch = TrainWatch(
-        every_n_steps=every, activations_every_n_steps=act_every, tracking_uri=uri, system_metrics=False, probe_samples=32 * 2 // devices
+        every_n_steps=every,
+        activations_every_n_steps=act_every,
+        tracking_uri=uri,
+        system_metrics=False,
+        probe_samples=32 * 2 // devices,
+        landscape_at_end=landscape,
+        landscape_steps=5,
     )
     strategy = "ddp" if devices > 1 else "auto"
     trainer(max_steps=9, strategy=strategy, devices=devices, callbacks=[watch]).fit(Classifier(net), train, val)

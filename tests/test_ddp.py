@@ -20,8 +20,13 @@ SCRIPT = Path(__file__).with_name("ddp_train.py")
 @pytest.mark.parametrize(("every", "act_every"), [(1, 1), (3, 2)])
 def test_ddp_one_run_rank_zero_logs_and_histograms_sum_over_ranks(tmp_path, every, act_every):
     uri = f"sqlite:///{tmp_path}/ddp.db"
+    landscape = ["--landscape"] if every == 3 else []  # the landscape at the end, on rank zero alone
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), uri, str(every), str(act_every)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+        [sys.executable, str(SCRIPT), uri, str(every), str(act_every), *landscape],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(uri)
@@ -38,6 +43,10 @@ def test_ddp_one_run_rank_zero_logs_and_histograms_sum_over_ranks(tmp_path, ever
     # 32 probe samples on each of 2 ranks, 16 hidden units: summed over ranks
     assert hist["values"][0, row, 0] == 2 * 32 * 16
     assert hist["values"][0, row, len(STAT_COLUMNS) :].sum() == 2 * 32 * 16
+    if landscape:
+        metrics = runs[0].data.metrics
+        assert np.isfinite(metrics["landscape/random/centre_loss"]), metrics
+        assert any(f.path.endswith("random") for f in client.list_artifacts(run_id, "trainwatch/landscape"))
 
 
 def _train(tmp_path: Path, name: str, devices: int, batch: int) -> tuple[MlflowClient, str]:

@@ -380,7 +380,8 @@ class TrainWatch(pl.Callback):
             return
         spec = self.landscape_spec
         batches = batches_of(*self._landscape_eval, spec.batch_size, pl_module.device)
-        landscape = compute_landscape(pl_module, batches, spec, module_loss(pl_module, spec.loss))
+        # rank zero alone (under DDP the other ranks have no evaluation data and may have left `fit` already)
+        landscape = compute_landscape(pl_module, batches, spec, module_loss(pl_module, spec.loss), shard=False)
         for name, data in landscape_artifacts(landscape).items():
             self.sink.submit(ArtifactOp(f"trainwatch/landscape/{spec.name}/{name}", data))
         packer = Packer(trainer.global_step)

@@ -163,11 +163,11 @@ def _rank_world() -> tuple[int, int]:
 
 
 def _sharded(
-    surface: Surface, points: np.ndarray, spec: LandscapeSpec, partial: Path | None, key: str, label: str
+    surface: Surface, points: np.ndarray, spec: LandscapeSpec, partial: Path | None, key: str, label: str, shard: bool = True
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """`_evaluate` on this rank's share of the points (every world-th point), then one all-gather: no
-    collective per point, and each rank's partial results resume on their own."""
-    rank, world = _rank_world()
+    collective per point, and each rank's partial results resume on their own. `shard=False`: all points here."""
+    rank, world = _rank_world() if shard else (0, 1)
     if world == 1:
         return _evaluate(surface, points, spec, partial, key, label)
     mine = np.arange(rank, len(points), world)
@@ -215,9 +215,11 @@ def compute_landscape(
     progress: bool = False,
     directions: list[dict[str, Tensor]] | None = None,
     span: float | None = None,
+    shard: bool = True,
 ) -> Landscape:
     """Directions from `spec.seed`, the 1-D curve along direction 1 and the 2-D grid; the model is restored
-    bitwise. `partial_dir` keeps finished chunks so an interrupted job resumes where it stopped."""
+    bitwise. `partial_dir` keeps finished chunks so an interrupted job resumes where it stopped. With `shard` (and
+    a `torch.distributed` group) every rank of the group must call: each evaluates a share of the points."""
     start = time.perf_counter()
     device = next(model.parameters()).device
     directions = directions or directions_for(model, 2, spec.seed, spec.norm, spec.ignore)
@@ -228,9 +230,9 @@ def compute_landscape(
     flops, floor_s = forward_flops(model, batches, spec.bn_mode)
     evaluating = time.perf_counter()
     curve_surface = Surface(model, directions[:1], batches, loss_fn, spec.bn_mode)
-    curve, curve_acc = _sharded(curve_surface, axis[:, None], spec, part("curve"), key, label("1-D"))
+    curve, curve_acc = _sharded(curve_surface, axis[:, None], spec, part("curve"), key, label("1-D"), shard)
     surface = Surface(model, directions, batches, loss_fn, spec.bn_mode)
-    loss, acc = _sharded(surface, grid_points([axis, axis]), spec, part("surface"), key, label("2-D"))
+    loss, acc = _sharded(surface, grid_points([axis, axis]), spec, part("surface"), key, label("2-D"), shard)
     evaluated = time.perf_counter() - evaluating
     points = len(axis) + len(axis) ** 2
     shape = (len(axis), len(axis))
