@@ -35,7 +35,8 @@ def test_vanishing_needs_patience_and_names_the_deepest_vanished_group():
     m = {"grad_norm/in": 1e-9, "grad_norm/mid": 1e-6, "grad_norm/out": 1.0}
     assert _feed(d, [m, m]) == []  # patience 3
     (f,) = d.observe(4, m, {})
-    assert (f.kind, f.group, f.first_step, f.severity) == ("vanishing_gradients", "mid", 4, "warning")
+    # from the first record of the streak (step 0), confirmed at the third (step 4)
+    assert (f.kind, f.group, f.first_step, f.last_step, f.severity) == ("vanishing_gradients", "mid", 0, 4, "warning")
     assert f.evidence["ratio_input_to_output"] == pytest.approx(1e-9)
     healthy = Diagnosis(ModelFacts(GROUPS))
     assert _feed(healthy, [{"grad_norm/in": 1e-3, "grad_norm/mid": 1e-2, "grad_norm/out": 1.0}] * 5) == []
@@ -62,9 +63,43 @@ def test_nonfinite_origin_is_the_deepest_group_flagged_at_the_first_step():
     kinds = {(f.kind, f.group) for f in found}
     assert kinds == {("nonfinite_gradients", "mid"), ("nonfinite_loss", "train_loss")}
     grads = next(f for f in found if f.kind == "nonfinite_gradients")
-    assert grads.evidence["first_step"] == 7 and d.health == "critical"
+    assert grads.evidence["first_step"] == grads.first_step == 7 and d.health == "critical"  # the step it happened, not 8
     counts = d.counts()
     assert counts["train/findings_total"] == 2 and set(counts) == {f"train/findings/{k}" for k in KINDS} | {"train/findings_total"}
+
+
+def test_exploding_counts_records_whatever_layer_is_worst():
+    """A model-wide condition: the worst layer alternating between two layers must not restart the count."""
+    d = Diagnosis(ModelFacts(GROUPS))
+    calm = [{"train/grad_norm_total": 1.0, "grad_norm/out": 1.0}] * 5
+    a = {"train/grad_norm_total": 1000.0, "grad_norm/mid": 900.0, "grad_norm/out": 400.0}
+    b = {"train/grad_norm_total": 1000.0, "grad_norm/mid": 400.0, "grad_norm/out": 900.0}
+    assert _feed(d, [*calm, a]) == []  # growth must persist for 2 records
+    (f,) = d.observe(12, b, {})
+    assert (f.kind, f.group, f.first_step, f.last_step) == ("exploding_gradients", "out", 10, 12)
+    assert d.observe(14, a, {}) == [] and len(d.findings) == 1  # one finding; it goes on
+    assert d.findings[("exploding_gradients", "")].last_step == 14
+
+
+def test_streaks_hold_across_records_that_do_not_feed_the_rule():
+    """activations_every_n_steps != every_n_steps: records of gradients alone neither count nor break the
+    activation rules' streaks, and records of activations alone do the same for the gradient rules."""
+    facts = ModelFacts(GROUPS, act_names=["relu"], act_kinds={"relu": "relu"})
+    d = Diagnosis(facts)
+    row = dict.fromkeys(STAT_COLUMNS, 0.0)
+    dead = {"activations": np.array([[{**row, "dead": 90.0, "positions": 100.0}[c] for c in STAT_COLUMNS]])}
+    vanishing = {"grad_norm/in": 1e-9, "grad_norm/mid": 1e-6, "grad_norm/out": 1.0}
+    fired = {}  # kind -> (first_step, the step it fired at)
+    for step in range(0, 50, 5):  # gradients every 5 steps, activations every 20 (0, 20, 40)
+        for f in d.observe(step, vanishing, dead if step % 20 == 0 else {}):
+            fired[f.kind] = (f.first_step, step)
+        for f in d.observe(step + 1, {}, {}):  # a record of neither (a CAM snapshot): breaks nothing
+            fired[f.kind] = (f.first_step, step + 1)
+    assert fired == {"dead_units": (0, 40), "vanishing_gradients": (0, 10)}  # the third record that fed each rule
+    healthy = {"grad_norm/in": 0.5, "grad_norm/mid": 0.7, "grad_norm/out": 1.0}
+    d2 = Diagnosis(facts)
+    records = [(0, vanishing), (5, vanishing), (10, healthy), (15, vanishing), (20, vanishing)]
+    assert [f for step, m in records for f in d2.observe(step, m, {})] == []  # a fed record that does not hit breaks it
 
 
 def test_activation_and_update_rules_and_the_json():

@@ -28,6 +28,15 @@ KINDS = (
     "update_ratio_high",
     "update_ratio_low",
 )
+# Conditions of the whole model: their patience counts records whatever group they name, and they are one finding
+# each (named after the group at the first record), so a worst layer that changes does not restart the count.
+MODEL_WIDE = ("vanishing_gradients", "exploding_gradients")
+# The rules each kind of record input feeds: a streak breaks only on a record that fed its rule and did not hit
+# (a record of activations alone says nothing about gradients).
+FED_BY = {
+    "grad_norm/": ("vanishing_gradients", "exploding_gradients", "no_gradient"),
+    "update_ratio/": ("update_ratio_high", "update_ratio_low"),
+}
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,7 @@ class Diagnosis:
         self.facts, self.t = facts, thresholds or Thresholds()
         self.findings: dict[tuple[str, str], Finding] = {}
         self._streak: dict[tuple[str, str], int] = {}
+        self._since: dict[tuple[str, str], int] = {}  # the step of each streak's first record
         self._norms: list[float] = []
         self._frozen_seen = False
 
@@ -122,21 +132,36 @@ class Diagnosis:
         fresh = []
         seen_now = set()
         for kind, severity, group, evidence, patience in hits:
-            key = (kind, group)
+            key = (kind, "") if kind in MODEL_WIDE else (kind, group)
+            if key in seen_now:
+                continue
             seen_now.add(key)
             self._streak[key] = self._streak.get(key, 0) + 1
+            if self._streak[key] == 1:
+                self._since[key] = step
             if key in self.findings:
                 finding = self.findings[key]
                 finding.last_step = step
                 finding.evidence = {**evidence, "records": self._streak[key]}
             elif self._streak[key] >= patience:
-                finding = Finding(kind, severity, group, step, step, {**evidence, "records": self._streak[key]}, ADVICE[kind])
+                # from the record that began the streak; a non-finite gradient knows the exact optimizer step
+                first = int(evidence.get("first_step", self._since[key]))  # type: ignore[call-overload]
+                finding = Finding(kind, severity, group, first, step, {**evidence, "records": self._streak[key]}, ADVICE[kind])
                 self.findings[key] = finding
                 fresh.append(finding)
+        fed = self._fed(metrics, arrays)
         for key in list(self._streak):
-            if key not in seen_now and key[0] != "no_gradient":
+            if key not in seen_now and key[0] in fed:
                 self._streak[key] = 0
         return fresh
+
+    @staticmethod
+    def _fed(metrics: Mapping[str, float], arrays: Mapping[str, np.ndarray]) -> set[str]:
+        """The kinds whose rules this record had numbers for."""
+        kinds = {kind for prefix, fed in FED_BY.items() if any(k.startswith(prefix) for k in metrics) for kind in fed}
+        if "activations" in arrays:
+            kinds |= {"dead_units", "saturated_activations"}
+        return kinds | {"nonfinite_gradients", "nonfinite_loss"}
 
     @property
     def health(self) -> str:
