@@ -130,6 +130,7 @@ def test_centre_restore_repeatability_and_engines_agree():
     assert loop.accuracy is not None and 0 <= loop.accuracy.min() <= loop.accuracy.max() <= 1
     m = loop.metrics(0.2)
     assert m["centre_loss"] == loop.centre and m["sharpness"] >= 0
+    assert np.isnan(loop.metrics(0.05)["sharpness"])  # spacing 0.2: no point but the centre within 0.05
 
 
 def test_bn_batch_statistics_mode_uses_batch_stats_and_restores_buffers():
@@ -197,7 +198,10 @@ def test_interrupted_job_resumes_from_partial_results(tmp_path):
     np.testing.assert_array_equal(resumed.loss, full.loss)
 
 
-@pytest.mark.parametrize("steps, span, match", [(4, 1.0, "odd number"), (5, 0.0, "span must be > 0"), (5, -1.0, "span must be > 0")])
+@pytest.mark.parametrize(
+    "steps, span, match",
+    [(4, 1.0, "odd number"), (5, 0.0, "span must be > 0"), (5, -1.0, "span must be > 0"), (5, float("inf"), "finite")],
+)
 def test_bad_grid_settings_fail_before_any_work(steps, span, match):
     with pytest.raises(ValueError, match=match):
         LandscapeSpec(steps=steps, span=span)

@@ -97,8 +97,9 @@ class Landscape:
         return float(self.loss[len(self.alphas) // 2, len(self.betas) // 2])
 
     def metrics(self, radius: float) -> dict[str, float]:
-        """Centre loss, sharpness (largest loss increase within `radius` of the centre) and the curvature
-        (second difference of the loss at the centre along each direction, and their mean)."""
+        """Centre loss, sharpness (largest loss increase within `radius` of the centre; NaN when no grid point
+        but the centre lies that close) and the curvature (second difference of the loss at the centre along each
+        direction, and their mean)."""
         a, b = np.meshgrid(self.alphas, self.betas, indexing="ij")
         near = np.hypot(a, b) <= radius + 1e-12
         c, i, j = self.centre, len(self.alphas) // 2, len(self.betas) // 2
@@ -108,7 +109,7 @@ class Landscape:
         curv_b = (self.loss[i, j + 1] - 2 * c + self.loss[i, j - 1]) / k**2 if len(self.betas) > 1 else np.nan
         return {
             "centre_loss": c,
-            "sharpness": float(np.nanmax(self.loss[near]) - c),
+            "sharpness": float(np.nanmax(self.loss[near]) - c) if near.sum() > 1 else math.nan,
             "curvature_d1": float(curv_a),
             "curvature_d2": float(curv_b),
             "curvature": float(np.nanmean([curv_a, curv_b])),

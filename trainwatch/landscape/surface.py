@@ -8,6 +8,7 @@ models, K× the parameter memory). Losses stay on the device until a chunk is do
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,8 +35,8 @@ def grid_axis(steps: int, span: float) -> np.ndarray:
     """`steps` evenly spaced coordinates over [−span, span], inclusive, with the exact 0 at the centre."""
     if steps < 1 or steps % 2 == 0:
         raise ValueError(f"a landscape axis needs an odd number of points so that the trained model is the centre; got {steps}")
-    if not span > 0:
-        raise ValueError(f"a landscape span must be > 0; got {span}")
+    if not 0 < span < math.inf:
+        raise ValueError(f"a landscape span must be > 0 and finite; got {span}")
     half = steps // 2
     return np.arange(-half, half + 1, dtype=np.float64) * (span / half) if half else np.zeros(1)
 
