@@ -43,6 +43,48 @@ def test_payload_cannot_close_its_script_element():
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page  # no remote requests
 
 
+def test_non_finite_numbers_reach_the_page_as_null():
+    run = {"id": "r1", "series": {"train_loss": {"step": [0, 1, 2], "value": [0.5, float("nan"), float("inf")]}}}
+    run["findings"] = [{"kind": "nonfinite_loss", "evidence": {"value": float("-inf")}}]
+    page = render([run])
+    payload = json.loads(page.split('id="trainwatch-data">', 1)[1].split("</script>", 1)[0])
+    assert payload["runs"][0]["series"]["train_loss"]["value"] == [0.5, None, None]
+    assert payload["runs"][0]["findings"][0]["evidence"]["value"] is None
+
+
+class Diverges(DigitsCNN):
+    """The demo's CNN whose loss turns NaN from step 4 on: the run a user most wants a dashboard of."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step >= 4 else loss
+
+
+@pytest.mark.slow
+def test_a_diverged_run_still_gets_its_dashboard(store, tmp_path):
+    sync_api = _browser()
+    pl.seed_everything(0, verbose=False)
+    logger = MLFlowLogger(experiment_name="dashboard", tracking_uri=store, run_name="diverged")
+    watch = TrainWatch(every_n_steps=2, system_metrics=False, cam_every_n_steps=2, cam_methods=["grad_cam"], landscape_samples=0)
+    trainer = pl.Trainer(
+        max_steps=10, logger=logger, callbacks=[watch], enable_progress_bar=False, enable_model_summary=False,
+        enable_checkpointing=False, limit_train_batches=10, limit_val_batches=2,
+    )  # fmt: skip
+    trainer.fit(Diverges(), DigitsData())
+    client = mlflow.MlflowClient(store)
+    out = Path(client.download_artifacts(logger.run_id, REPORT_PATH, str(tmp_path)))  # built at the end of fit
+    assert "nonfinite" in out.read_text()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors = _open(page, out.as_uri())
+        assert "nonfinite" in (page.text_content("#view-overview") or "")
+        for view in VIEWS:
+            page.click(f"button.tab[data-view='{view}']")
+        browser.close()
+    assert errors == []
+
+
 def _train(store: str, name: str, epochs: int = 2) -> str:
     pl.seed_everything(0, verbose=False)
     logger = MLFlowLogger(experiment_name="dashboard", tracking_uri=store, run_name=name)

@@ -234,10 +234,22 @@ def render(runs: Sequence[dict]) -> str:
     root = resources.files("dashboards")
     template = (root / "report.html").read_text(encoding="utf-8")
     payload = {"version": __version__, "generated": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": list(runs)}
-    data = json.dumps(payload, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c").replace(">", "\\u003e")
+    data = json.dumps(_json_safe(payload), separators=(",", ":"), allow_nan=False).replace("<", "\\u003c").replace(">", "\\u003e")
     page = template.replace("/*__CSS__*/", (root / "report.css").read_text(encoding="utf-8"))
     page = page.replace("/*__JS__*/", (root / "report.js").read_text(encoding="utf-8"))
     return page.replace("__DATA__", data)
+
+
+def _json_safe(value: object) -> object:
+    """NaN and ±Inf (a diverged run's losses, CAM confidences, a finding's evidence) become null: JSON has no such
+    numbers, and the page draws null as a gap."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def build_report(run_ids: Sequence[str], tracking_uri: str | None = None, final_status: str | None = None) -> str:
