@@ -537,3 +537,51 @@ def test_live_hooks_come_off_after_a_batch_that_skipped_its_step(store):
     net0 = list(hist["names"]).index("net.0")
     # each logged step saw its one training forward of 16 samples, never a validation batch (64 samples)
     assert hist["values"][:, net0, 0].tolist() == [16 * 16] * len(hist["step"])
+
+
+class SequenceClassifier(pl.LightningModule):
+    """Token sequences of varying length, padded per batch (the usual text collate): mean of embeddings, then a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb, self.head = nn.Embedding(50, 8, padding_idx=0), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.emb(x).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _padded_loader(n: int, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    items = [(torch.randint(1, 50, (int(torch.randint(3, 12, (), generator=g)),), generator=g), i % 2) for i in range(n)]
+
+    def collate(batch):
+        return nn.utils.rnn.pad_sequence([x for x, _ in batch], batch_first=True), torch.tensor([y for _, y in batch])
+
+    return torch.utils.data.DataLoader(items, batch_size=batch_size, collate_fn=collate)
+
+
+def test_probe_from_batches_padded_to_their_own_length_keeps_the_first_shape(store):
+    pl.seed_everything(0)
+    train, val = _padded_loader(64, 16, 0), _padded_loader(64, 16, 1)
+    kept = []  # the leading batches that share the first one's padded length, up to 64 sequences
+    for x, _ in val:
+        if (kept and x.shape[1:] != kept[0].shape[1:]) or sum(len(k) for k in kept) >= 64:
+            break
+        kept.append(x)
+    assert 0 < sum(len(k) for k in kept) < 64  # the batches differ in length: the probe holds fewer than asked
+    watch = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False)  # probe_samples=64: four batches asked
+    trainer(max_steps=4, callbacks=[watch]).fit(SequenceClassifier(), train, val)
+    client, run = _only_run(store)
+    hist = _npz(client, run.info.run_id, "trainwatch/histograms/activations/part-00000.npz")
+    emb = list(hist["names"]).index("emb")
+    assert hist["values"][:, emb, 0].tolist() == [sum(k.numel() for k in kept) * 8] * 2  # 8 embedding dims per token

@@ -26,7 +26,8 @@ MAX_EVAL_BYTES = 64 * 2**20  # the evaluation subset travels with the run: keep 
 
 def draw_pairs(sources: Sequence[tuple[str, Iterable | None]], samples: int) -> tuple[str, Tensor, Tensor]:
     """The first `samples` (input, target) pairs of the first source with data, in loader order, without
-    touching any RNG training uses. Raises ValueError when batches are not (inputs, targets, ...) tensors."""
+    touching any RNG training uses; it stops before a batch whose shapes differ from the first one's (batches
+    padded to their own length). Raises ValueError when batches are not (inputs, targets, ...) tensors."""
     for source, loader in sources:
         if loader is None:
             continue
@@ -39,12 +40,15 @@ def draw_pairs(sources: Sequence[tuple[str, Iterable | None]], samples: int) -> 
                         f"the {source} yields {type(batch).__name__} batches, not (inputs, targets) tensors; pass "
                         "`TrainWatch(landscape_data=(inputs, targets))` or `landscape_samples=0`."
                     )
+                if xs and (batch[0].shape[1:] != xs[0].shape[1:] or batch[1].shape[1:] != ys[0].shape[1:]):
+                    break
                 xs.append(batch[0])
                 ys.append(batch[1])
                 if sum(len(x) for x in xs) >= samples:
                     break
         if xs:
-            return f"the first {samples} samples of the {source}", torch.cat(xs)[:samples], torch.cat(ys)[:samples]
+            inputs, targets = torch.cat(xs)[:samples], torch.cat(ys)[:samples]
+            return f"the first {len(inputs)} samples of the {source}", inputs, targets
     raise ValueError("found no validation or training data for the landscape's evaluation subset")
 
 

@@ -20,7 +20,9 @@ def first_loader(loaders: object) -> Iterable | None:
 
 
 def draw_inputs(sources: Sequence[tuple[str, Iterable | None]], samples: int) -> tuple[str, Tensor]:
-    """The first `samples` inputs (the first tensor of each batch) of the first source that has data."""
+    """The first `samples` inputs (the first tensor of each batch) of the first source that has data. Batches
+    padded to their own length (variable-length sequences) cannot be stacked: the probe then stops before the first
+    batch whose shape differs from the first one's, and holds fewer inputs."""
     for source, loader in sources:
         if loader is None:
             continue
@@ -32,11 +34,14 @@ def draw_inputs(sources: Sequence[tuple[str, Iterable | None]], samples: int) ->
                     raise ValueError(
                         f"TrainWatch cannot take a probe batch from the {source}: its batches hold {type(x).__name__}, not a tensor of inputs first. {_HOW}"
                     )
+                if chunks and x.shape[1:] != chunks[0].shape[1:]:
+                    break
                 chunks.append(x)
                 if sum(len(c) for c in chunks) >= samples:
                     break
         if chunks:
-            return f"the first {samples} inputs of the {source}", torch.cat(chunks)[:samples]
+            inputs = torch.cat(chunks)[:samples]
+            return f"the first {len(inputs)} inputs of the {source}", inputs
     raise ValueError(f"TrainWatch found no validation or training data to draw the activation probe batch from. {_HOW}")
 
 
