@@ -1,7 +1,10 @@
 import pytest
+import torch
 from torch import nn
 
+from trainwatch.capture import Capture
 from trainwatch.groups import ACT_FAMILIES, PARAM_FAMILIES, activation_modules, bind, key_segment, param_modules, plan_groups, resolve_names
+from trainwatch.record import Packer
 
 
 def _bottleneck(c: int) -> nn.Module:
@@ -88,3 +91,32 @@ def test_unknown_module_name_says_what_to_use():
 
 def test_family_counts_are_the_documented_ones():
     assert len(PARAM_FAMILIES) == 7 and len(ACT_FAMILIES) == 4
+
+
+class TiedLM(nn.Module):
+    """Input embedding and output head share one weight (GPT-2/T5 style weight tying)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.ModuleDict({"emb": nn.Embedding(50, 16), "body": nn.Linear(16, 16)})
+        self.dec = nn.ModuleDict({"head": nn.Linear(16, 50, bias=False)})
+        self.dec.head.weight = self.enc.emb.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.dec.head(torch.tanh(self.enc.body(self.enc.emb(tokens))))
+
+
+@pytest.mark.parametrize("budget", [300, 31])  # one group per module; then everything in one block
+def test_a_tied_parameter_is_counted_once_with_its_first_owner(budget):
+    torch.manual_seed(0)
+    model = TiedLM()
+    tokens = torch.randint(0, 50, (4, 7))
+    nn.functional.cross_entropy(model(tokens).flatten(0, 1), tokens.flatten()).backward()
+    assert param_modules(model) == ["enc.emb", "enc.body"]  # dec.head owns nothing of its own
+    binding = bind(plan_groups(param_modules(model), [], budget, 20), model)
+    assert binding.param_names == ("enc.emb.weight", "enc.body.weight", "enc.body.bias")
+    packer = Packer(0)
+    Capture(binding, torch.device("cpu"), distance_from_init=False).gradients(packer)
+    metrics = packer.ship().resolve().metrics
+    expect = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in model.parameters()])).item()
+    assert metrics["train/grad_norm_total"] == pytest.approx(expect, rel=1e-6)

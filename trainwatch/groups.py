@@ -64,8 +64,16 @@ def key_segment(module_name: str) -> str:
 
 
 def param_modules(model: nn.Module) -> list[str]:
-    """Names of modules that own trainable parameters directly, in `named_modules()` order."""
-    return [name for name, m in model.named_modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    """Names of modules that own trainable parameters directly, in `named_modules()` order. A parameter shared by
+    several modules (tied weights) belongs to the first of them, as in `named_parameters()`: counted once."""
+    seen: set[int] = set()
+    names = []
+    for name, m in model.named_modules():
+        own = [p for p in m.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+        seen.update(id(p) for p in m.parameters(recurse=False))
+        if own:
+            names.append(name)
+    return names
 
 
 def activation_modules(model: nn.Module) -> list[str]:
@@ -197,10 +205,12 @@ def bind(plan: GroupPlan, model: nn.Module) -> Binding:
     param_groups = [g for g in plan.groups if g.param_modules]
     act_groups = [g for g in plan.groups if g.act_modules]
     p_names, params, p_index = [], [], []
+    bound: set[int] = set()  # a tied parameter is bound once, with the first module that owns it
     for gi, group in enumerate(param_groups):
         for module_name in group.param_modules:
             for pname, p in modules[module_name].named_parameters(recurse=False):
-                if p.requires_grad:
+                if p.requires_grad and id(p) not in bound:
+                    bound.add(id(p))
                     p_names.append(f"{module_name}.{pname}" if module_name else pname)
                     params.append(p)
                     p_index.append(gi)
