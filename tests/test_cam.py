@@ -124,6 +124,50 @@ def test_occlusion_on_a_linear_model_is_weight_times_input():
     torch.testing.assert_close(got, F.relu(w[0, 0] * x[:, 0]), atol=1e-5, rtol=1e-5)
 
 
+def test_occlusion_covers_the_trailing_positions_a_stride_would_skip():
+    """9 wide, window 4, stride 2: starts 0, 2, 4 and then 5, flush with the edge; a linear model's drop is w·x."""
+    w = torch.rand(1, 1, 9, 9) + 0.5
+    net = nn.Sequential(nn.Flatten(), nn.Linear(81, 1, bias=False))
+    with torch.no_grad():
+        net[1].weight.copy_(w.reshape(1, 81))
+    x = torch.rand(1, 1, 9, 9) + 0.5  # w·x > 0 everywhere, so every covered position has a drop
+    got = cam.occlusion(net, x, torch.tensor([0]), window=4, stride=2, normalize=False)
+    assert (got[0, -1, :] > 0).all() and (got[0, :, -1] > 0).all()
+
+
+def test_grad_cam_pp_is_the_papers_formula():
+    """Against Chattopadhay et al.'s closed form written out on activations and gradients taken with autograd
+    directly: α = g² / (2g² + (Σ_ab A_ab)·g³), 0 where g = 0; weights Σ_ij α·ReLU(g); map ReLU(Σ_k w_k A_k)."""
+    torch.manual_seed(1)
+    net = nn.Sequential(
+        nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    ).eval()  # fmt: skip
+    x, targets = torch.randn(2, 3, 8, 8), torch.tensor([0, 2])
+    a = net[:1](x).detach().requires_grad_(True)  # the first conv's output: the ReLU after it zeroes gradients
+    score = net[1:](a).gather(1, targets[:, None]).sum()
+    (g,) = torch.autograd.grad(score, a)
+    a, g = a.detach().double(), g.double()
+    alpha = torch.where(g != 0, g**2 / (2 * g**2 + a.sum((2, 3), keepdim=True) * g**3), 0.0)
+    weights = (alpha * g.clamp_min(0)).sum((2, 3), keepdim=True)
+    expect = F.relu((weights * a).sum(1)).float()
+    assert (g < 0).any() and (g == 0).any()  # gradients of both signs, and zeros from the ReLU after the layer
+    torch.testing.assert_close(cam.grad_cam_pp(net, x, "0", targets, normalize=False), expect, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["grad_cam", "grad_cam_pp", "hires_cam", "layer_cam"])
+def test_a_frozen_backbone_still_gets_maps(method):
+    """Fine-tuning: nothing up to the CAM layer requires grad, so the layer's output has no graph of its own."""
+    net = _net()
+    for p in net.conv.parameters():
+        p.requires_grad_(False)
+    x, targets = torch.randn(2, 3, 10, 12), torch.tensor([1, 3])
+    frozen = getattr(cam, method)(net, x, "relu", targets, normalize=False)
+    for p in net.conv.parameters():
+        p.requires_grad_(True)
+    torch.testing.assert_close(frozen, getattr(cam, method)(net, x, "relu", targets, normalize=False))
+    assert net.conv.weight.grad is None and net.fc.weight.grad is None  # nothing accumulated on the model
+
+
 def test_conv1d_time_series_and_token_reshape():
     torch.manual_seed(0)
     net1d = nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(4, 3)).eval()

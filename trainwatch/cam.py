@@ -80,6 +80,8 @@ def _capture(model: nn.Module, inputs: Tensor, layer: nn.Module, targets: Tensor
     store: dict[str, Tensor] = {}
 
     def hook(module: nn.Module, args: object, output: Tensor) -> Tensor:
+        if not output.requires_grad:  # a frozen backbone: no graph reaches this layer, so one starts here
+            output = output.detach().requires_grad_(True)
         store["a"] = output
         return output.clone()
 
@@ -146,11 +148,13 @@ def grad_cam_pp(
     model: nn.Module, inputs: Tensor, layer: Layer | None, targets: Tensor, reshape: Reshape | None = None, normalize: bool = True
 ) -> Tensor:
     """Grad-CAM++ (Chattopadhay et al. 2018): pixel-weighted positive gradients, with the closed-form α for an
-    exponential score."""
+    exponential score, α_ij = g_ij² / (2 g_ij² + (Σ_ab A_ab) g_ij³). Only g > 0 counts (the weights take ReLU(g));
+    there α = 1 / (2 + (Σ_ab A_ab) g_ij) exactly, with no ε to swamp the small gradients of a score. A layer with
+    negative outputs can make that denominator ≤ 0, where the formula (derived for A ≥ 0) has no value: α = 0."""
     act, grad = _capture(model, inputs, resolve_layer(model, layer, inputs), targets, reshape)
     dims = _spatial_dims(grad)
-    g2, g3 = grad.pow(2), grad.pow(3)
-    alpha = g2 / (2 * g2 + (act * g3).sum(dims, keepdim=True) + EPS)
+    denominator = 2 + act.sum(dims, keepdim=True) * grad
+    alpha = torch.where((grad > 0) & (denominator > 0), 1 / denominator.clamp_min(EPS), 0.0)
     weights = (alpha * F.relu(grad)).sum(dims, keepdim=True)
     return _finish((weights * act).sum(1), inputs, normalize)
 
@@ -234,7 +238,8 @@ def occlusion(
         base = _target_scores(model(inputs), targets)
         drop = inputs.new_zeros(inputs.shape[0], *spatial)
         hits = inputs.new_zeros(*spatial)
-        starts = [range(0, max(s - window, 0) + 1, stride) for s in spatial]
+        # every `stride`, and a last window flush with the far edge, so that no position is left uncovered
+        starts = [sorted({*range(0, max(s - window, 0) + 1, stride), max(s - window, 0)}) for s in spatial]
         for corner in _product(starts):
             region = tuple(slice(c, c + window) for c in corner)
             patched = inputs.clone()
@@ -245,7 +250,7 @@ def occlusion(
     return normalize_maps(maps) if normalize else maps
 
 
-def _product(ranges: Sequence[range]) -> list[tuple[int, ...]]:
+def _product(ranges: Sequence[Sequence[int]]) -> list[tuple[int, ...]]:
     out: list[tuple[int, ...]] = [()]
     for r in ranges:
         out = [(*o, i) for o in out for i in r]
