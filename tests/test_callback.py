@@ -585,3 +585,21 @@ def test_probe_from_batches_padded_to_their_own_length_keeps_the_first_shape(sto
     hist = _npz(client, run.info.run_id, "trainwatch/histograms/activations/part-00000.npz")
     emb = list(hist["names"]).index("emb")
     assert hist["values"][:, emb, 0].tolist() == [sum(k.numel() for k in kept) * 8] * 2  # 8 embedding dims per token
+
+
+def test_float64_probes_pass_the_setup_checks_of_a_64_bit_run(store):
+    """The probes are checked in `setup`, before Lightning turns the module into float64 for `precision="64-true"`."""
+    from tests.models import cnn, images
+
+    pl.seed_everything(0)
+    data = images(n=64)
+    train, val = loaders(data, batch_size=16)
+    probes = data.tensors[0][:4].double()  # e.g. data that came from NumPy
+    watch = TrainWatch(
+        every_n_steps=2, tracking_uri=store, system_metrics=False, probe_batch=probes, cam_probes=probes,
+        cam_targets=torch.tensor([0, 1, 2, 0]), cam_every_n_steps=2, cam_methods=["grad_cam"],
+    )  # fmt: skip
+    trainer(max_steps=4, precision="64-true", callbacks=[watch]).fit(Classifier(cnn()), train, val)
+    client, run = _only_run(store)
+    assert sorted(_history(client, run.info.run_id, "act_mean/net.0")) == [0, 2]
+    assert sorted(_history(client, run.info.run_id, "cam_confidence/p0")) == [0, 2]

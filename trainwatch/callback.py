@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
-from torch import Tensor
+from torch import Tensor, nn
 from typing_extensions import override
 
 from trainwatch._version import __version__
@@ -53,6 +53,13 @@ log = logging.getLogger(__name__)
 ActivationSource = Literal["probe", "live", "off"]
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RESERVED_KEYS = 20  # run-wide keys under train/ (losses, lr, timing) kept out of the per-group budget
+
+
+def _like_module(module: nn.Module, inputs: Tensor) -> Tensor:
+    """Floating-point inputs in the module's dtype as it is during `setup`, for the dry runs there: Lightning converts
+    the module (`precision="64-true"`, `"bf16-true"`) only afterwards, and so its batches."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
+    return inputs.to(dtype) if dtype is not None and inputs.is_floating_point() else inputs
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -247,10 +254,10 @@ class TrainWatch(pl.Callback):
         try:
             self._setup_model(pl_module)
             if self.probe_batch is not None:
-                check_forward(pl_module, self.probe_batch, "the `probe_batch` argument")
+                check_forward(pl_module, _like_module(pl_module, self.probe_batch), "the `probe_batch` argument")
             if self._cam_on and isinstance(self.cam_probes, Tensor):
                 assert self.cam_targets is not None
-                CamProbe.build(pl_module, self.cam_methods, self.cam_layer, self.cam_probes, self.cam_targets)
+                CamProbe.build(pl_module, self.cam_methods, self.cam_layer, _like_module(pl_module, self.cam_probes), self.cam_targets)
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
         if trainer.is_global_zero:
@@ -329,7 +336,7 @@ class TrainWatch(pl.Callback):
                     source, inputs = (
                         ("`probe_batch`", self.probe_batch) if self.probe_batch is not None else draw_inputs(sources, self.probe_samples)
                     )
-                    inputs = trainer.precision_plugin.convert_input(inputs)  # as Lightning converts batches ("64-true")
+                    inputs = _like_module(pl_module, trainer.precision_plugin.convert_input(inputs))  # as batches ("64-true")
                     check_forward(pl_module, inputs.to(pl_module.device), source)
                     self._probe_inputs = inputs
             except ValueError as error:
@@ -418,7 +425,7 @@ class TrainWatch(pl.Callback):
                 inputs, targets = torch.stack([p[0] for p in pairs]), torch.tensor([int(p[1]) for p in pairs])
             else:
                 inputs, targets = balanced_probes(loader or [], self.cam_samples)
-        inputs = trainer.precision_plugin.convert_input(inputs.to(pl_module.device))
+        inputs = _like_module(pl_module, trainer.precision_plugin.convert_input(inputs.to(pl_module.device)))
         return CamProbe.build(pl_module, self.cam_methods, self.cam_layer, inputs, targets.to(pl_module.device))
 
     def _start_cam(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
