@@ -95,6 +95,11 @@ def test_summary_with_non_finite_values_counts_them_and_sums_only_finite_ones():
     assert A.activation_summary(clean)[A.STAT_COLUMNS.index("sum")].item() == pytest.approx(clean.sum().item(), rel=1e-6)
 
 
+def test_saturating_modules_are_tanh_and_sigmoid_families_not_relu6():
+    kinds = [A.saturation_kind(m) for m in (nn.Tanh(), nn.Hardtanh(), nn.Sigmoid(), nn.Hardsigmoid(), nn.ReLU6(), nn.ReLU())]
+    assert kinds == ["tanh", "tanh", "sigmoid", "sigmoid", None, None]
+
+
 def test_saturation_per_kind():
     x = torch.tensor([[-0.995, 0.0, 0.5, 0.999]])
     assert A.saturation_mask(x, "tanh").sum().item() == 2
