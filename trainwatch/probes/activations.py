@@ -201,7 +201,7 @@ def first_tensor(output: object) -> Tensor | None:
 
 
 def saturation_kind(module: nn.Module) -> str | None:
-    """"tanh" or "sigmoid" for the saturating activations (hard variants included), else None."""
+    """ "tanh" or "sigmoid" for the saturating activations (hard variants included), else None."""
     if isinstance(module, nn.ReLU6):  # a Hardtanh subclass in torch, but a ReLU: 0.99 means nothing to it
         return None
     for cls, kind in SATURATING.items():
