@@ -119,6 +119,24 @@ def test_pooled_group_stats_equal_stats_of_concatenation():
     assert pooled["act_saturated_frac"].item() == pytest.approx((b.abs() > 0.99).float().mean().item())
 
 
+def test_a_module_that_fires_twice_counts_the_dead_units_of_both_outputs():
+    """One ReLU instance reused after two layers (as torchvision's BasicBlock does): two different activations."""
+    relu = nn.ReLU()
+    a, b = nn.Linear(3, 6), nn.Linear(6, 4)
+    with torch.no_grad():
+        a.bias[:2], b.bias[:1] = -100.0, -100.0  # 2 units of the first output and 1 of the second never fire
+    probe = A.ActivationProbe([("relu", relu)])
+    probe.arm()
+    x = torch.randn(8, 3)
+    first = relu(a(x))
+    second = relu(b(first))
+    probe.disarm()
+    row = dict(zip(A.STAT_COLUMNS, probe.collect(torch.device("cpu"))[0].tolist(), strict=False))
+    dead = sum(int((out == 0).all(0).sum()) for out in (first, second))
+    assert (row["dead"], row["positions"], row["numel"]) == (dead, 6 + 4, 8 * (6 + 4))
+    assert dead >= 3
+
+
 def test_probe_hooks_fire_and_are_removed():
     net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.LSTM(4, 2, batch_first=True))
     probe = A.ActivationProbe([("0", net[0]), ("1", net[1])])

@@ -18,7 +18,6 @@ EDGES = torch.logspace(-6, 4, 41, dtype=torch.float64)
 # Columns of a module's summary vector; the histogram counts follow them.
 STAT_COLUMNS = ("numel", "finite", "sum", "sumsq", "zeros", "sat_numel", "saturated", "nonfinite", "dead", "positions")
 
-DEAD, POSITIONS = STAT_COLUMNS.index("dead"), STAT_COLUMNS.index("positions")
 
 SATURATING = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.Hardtanh: "tanh", nn.Hardsigmoid: "sigmoid"}
 
@@ -246,13 +245,10 @@ class ActivationProbe:
             with torch.no_grad():
                 summary = activation_summary(x, self._kinds[i])
             prev = self._buffer[i]
-            if prev is not None:
-                # A module that fires twice (shared, or over micro-batches): counts add, but a position is
-                # dead only if dead both times, so min() of the two dead counts is the tightest bound we keep.
-                dead = torch.minimum(prev[DEAD], summary[DEAD])
-                summary = prev + summary
-                summary[DEAD], summary[POSITIONS] = dead, prev[POSITIONS]
-            self._buffer[i] = summary
+            # A module that fires several times in one forward (one ReLU instance reused after several convs, a
+            # cell in a loop) sees a different activation each time: every column adds, dead units and positions
+            # too, so dead / positions is the dead fraction over all of its outputs.
+            self._buffer[i] = summary if prev is None else prev + summary
 
         return hook
 
