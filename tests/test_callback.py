@@ -603,3 +603,28 @@ def test_float64_probes_pass_the_setup_checks_of_a_64_bit_run(store):
     client, run = _only_run(store)
     assert sorted(_history(client, run.info.run_id, "act_mean/net.0")) == [0, 2]
     assert sorted(_history(client, run.info.run_id, "cam_confidence/p0")) == [0, 2]
+
+
+def flat_cnn(blocks: int = 16) -> nn.Module:
+    """One group per module takes 266 keys here: that fits 300 only if nothing else is logged."""
+    layers: list[nn.Module] = [nn.Conv2d(1, 4, 3, padding=1)]
+    for _ in range(blocks):
+        layers += [nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+def test_the_key_budget_holds_for_the_whole_run_with_cam_system_metrics_and_landscape(store):
+    from tests.models import images
+
+    pl.seed_everything(0)
+    train, val = loaders(images(n=64), batch_size=16)
+    watch = TrainWatch(
+        every_n_steps=1, tracking_uri=store, system_metrics_interval_s=0.2, cam_every_n_steps=2,
+        cam_methods=["grad_cam", "layer_cam", "hires_cam", "grad_cam_pp"], landscape_at_end=True, landscape_steps=3, landscape_samples=32,
+    )  # fmt: skip
+    trainer(max_steps=4, callbacks=[watch]).fit(Classifier(flat_cnn()), train, val)
+    _, run = _only_run(store)
+    keys = set(run.data.metrics)
+    families = {k.split("/", 1)[0] for k in keys}
+    assert {"grad_norm", "cam_confidence", "system", "landscape", "train"} <= families, families
+    assert len(keys) <= 300, len(keys)  # CAM (8 probes x 6), system (8), landscape (5) and train/ keys included

@@ -52,7 +52,9 @@ log = logging.getLogger(__name__)
 
 ActivationSource = Literal["probe", "live", "off"]
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-RESERVED_KEYS = 20  # run-wide keys under train/ (losses, lr, timing) kept out of the per-group budget
+RESERVED_KEYS = 20  # run-wide keys under train/ (losses, lr, timing, findings) kept out of the per-group budget
+SYSTEM_KEYS, SYSTEM_KEYS_PER_GPU = 8, 6  # MLflow's system-metrics monitor: CPU, RAM, disk, network; per GPU
+LANDSCAPE_KEYS = 5  # landscape/<name>/...: centre loss, sharpness, three curvatures
 
 
 def _like_module(module: nn.Module, inputs: Tensor) -> Tensor:
@@ -79,7 +81,8 @@ class TrainWatch(pl.Callback):
         probe_batch: inputs for the activation probe; default: the first `probe_samples` validation inputs
             (or training inputs when there is no validation data).
         modules: watch only these modules (names or name prefixes from `named_modules()`); default all.
-        max_metric_keys: budget of per-group metric keys; large models are grouped into blocks to fit.
+        max_metric_keys: budget of metric keys for the whole run (the MLflow UI slows down with many); the keys
+            outside the groups (train/, CAM, system, landscape) are set aside and large models grouped into blocks.
         tracking_uri, experiment_name, run_name: where trainwatch opens its own run when the trainer has no
             `MLFlowLogger` (URI: argument, then MLFLOW_TRACKING_URI, then sqlite:///mlflow.db).
         distance_from_init: keep a copy of the initial weights for `weight_dist_init`, off the training device (in
@@ -271,7 +274,20 @@ class TrainWatch(pl.Callback):
             params, acts = [n for n in params if keep(n)], [n for n in acts if keep(n)]
         if not params and not acts:
             raise ValueError("`TrainWatch` found nothing to watch: the model has no trainable parameters in the selected `modules`.")
-        self.plan = plan_groups(params, acts, self.max_metric_keys, RESERVED_KEYS, order=[n for n, _ in model.named_modules()])
+        self.plan = plan_groups(params, acts, self.max_metric_keys, self._reserved_keys(), order=[n for n, _ in model.named_modules()])
+
+    def _reserved_keys(self) -> int:
+        """Metric keys outside the per-group families, kept out of the group budget so that the run's total stays
+        within `max_metric_keys`: run-wide `train/` keys, CAM keys per probe image, system metrics, the landscape."""
+        keys = RESERVED_KEYS
+        if self._cam_on:
+            probes = len(self.cam_probes) if isinstance(self.cam_probes, Tensor) else self.cam_samples
+            keys += probes * (2 + len(self.cam_methods))  # confidence, true-class probability, raw max per method
+        if self.system_metrics:
+            keys += SYSTEM_KEYS + SYSTEM_KEYS_PER_GPU * torch.cuda.device_count()
+        if self.landscape_at_end:
+            keys += LANDSCAPE_KEYS
+        return keys
 
     def _open_run(self, trainer: pl.Trainer) -> None:
         logger = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
