@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import mlflow
@@ -628,3 +629,34 @@ def test_the_key_budget_holds_for_the_whole_run_with_cam_system_metrics_and_land
     families = {k.split("/", 1)[0] for k in keys}
     assert {"grad_norm", "cam_confidence", "system", "landscape", "train"} <= families, families
     assert len(keys) <= 300, len(keys)  # CAM (8 probes x 6), system (8), landscape (5) and train/ keys included
+
+
+def test_a_fit_resumed_into_the_same_run_keeps_the_first_fits_tables(store, tmp_path):
+    """Resume from a mid-run checkpoint (step 4 of 8) into the logger's run: the first fit's table parts stay, the
+    resumed fit's go after them, the dashboard takes the resumed rows for the steps logged twice; an explicit
+    `probe_batch` wins over the checkpoint's; the run says where weight_dist_init now measures from."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from trainwatch.report import build_report
+
+    pl.seed_everything(0)
+    train, val = loaders(blobs(n=128), batch_size=16)
+    logger = MLFlowLogger(experiment_name="resume", tracking_uri=store)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    first = TrainWatch(every_n_steps=2, system_metrics=False)
+    trainer(max_steps=8, logger=logger, callbacks=[first, saver], enable_checkpointing=True).fit(Classifier(mlp()), train, val)
+    (ckpt,) = [p for p in (tmp_path / "ckpt").iterdir() if "step=4" in p.name]
+    probe = torch.randn(5, 8)
+    again = TrainWatch(every_n_steps=2, system_metrics=False, probe_batch=probe)
+    same_run = MLFlowLogger(experiment_name="resume", tracking_uri=store, run_id=logger.run_id)
+    trainer(max_steps=8, logger=same_run, callbacks=[again]).fit(Classifier(mlp()), train, val, ckpt_path=ckpt)
+    assert torch.equal(again.state_dict()["probe_inputs"], probe)
+    client = MlflowClient(store)
+    parts = sorted(f.path for f in client.list_artifacts(logger.run_id, "trainwatch/stats/params"))
+    assert [p.rsplit("/", 1)[1] for p in parts] == ["part-00000.npz", "part-00001.npz"]
+    assert _npz(client, logger.run_id, parts[0])["step"].tolist() == [0, 2, 4, 6]
+    assert _npz(client, logger.run_id, parts[1])["step"].tolist() == [4, 6]
+    assert client.get_run(logger.run_id).data.tags["trainwatch.weight_dist_init_from_step"] == "4"
+    page = build_report([logger.run_id], store)
+    payload = json.loads(page.split('id="trainwatch-data">', 1)[1].split("</script>", 1)[0])
+    assert payload["runs"][0]["activations"]["steps"] == [0, 2, 4, 6]  # one row per step

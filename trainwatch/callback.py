@@ -32,7 +32,7 @@ from trainwatch.probes import dynamics
 from trainwatch.probes.cam_probe import CamProbe, balanced_probes
 from trainwatch.probes.nonfinite import NonfiniteWatch
 from trainwatch.probes.probe_batch import check_forward, draw_inputs, first_loader
-from trainwatch.publish import Publisher, groups_artifact
+from trainwatch.publish import TABLES, Publisher, groups_artifact, next_parts
 from trainwatch.record import Packer
 from trainwatch.report import ARCHITECTURE
 from trainwatch.sink import (
@@ -55,6 +55,14 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RESERVED_KEYS = 20  # run-wide keys under train/ (losses, lr, timing, findings) kept out of the per-group budget
 SYSTEM_KEYS, SYSTEM_KEYS_PER_GPU = 8, 6  # MLflow's system-metrics monitor: CPU, RAM, disk, network; per GPU
 LANDSCAPE_KEYS = 5  # landscape/<name>/...: centre loss, sharpness, three curvatures
+
+
+def _artifact_paths(client: Any, run_id: str, folder: str) -> list[str]:
+    """Artifact paths directly under `folder` of a run (none if it does not exist or cannot be listed)."""
+    try:
+        return [f.path for f in client.list_artifacts(run_id, folder)]
+    except Exception:  # noqa: BLE001 - a store that cannot list: start at part 0, as a new run does
+        return []
 
 
 def _like_module(module: nn.Module, inputs: Tensor) -> Tensor:
@@ -310,7 +318,9 @@ class TrainWatch(pl.Callback):
         module = trainer.lightning_module
         facts = model_facts(module, b.param_keys, b.act_names)
         diagnosis = Diagnosis(facts, self.diagnosis_thresholds) if self.diagnose else None
-        publisher = Publisher(list(b.param_names), list(b.act_names), diagnosis=diagnosis)
+        # a fit resumed into the logger's run continues its tables' part numbers instead of overwriting them
+        parts = {} if self._own_run else next_parts({t: _artifact_paths(self._client, self.run_id, f"trainwatch/{t}") for t in TABLES})
+        publisher = Publisher(list(b.param_names), list(b.act_names), diagnosis=diagnosis, first_parts=parts)
         self._publisher = publisher
         writer = ProcessWriter(uri, self.run_id) if self.writer == "process" else MlflowWriter(self._client, self.run_id)
         self.sink = MlflowSink(writer, spool, publisher, self.queue_size, describe=f"MLflow at {uri}")
@@ -340,6 +350,11 @@ class TrainWatch(pl.Callback):
             distance_from_init=self.distance_from_init and trainer.is_global_zero,  # only rank zero measures weights
             keep_pre_step_buffer=self._n(trainer) == 1,
         )
+        if self.distance_from_init and trainer.global_step > 0 and self.sink is not None:
+            # the initial weights are not in the checkpoint (a second copy of the model): after a resume,
+            # weight_dist_init measures from the weights the fit resumed with, and the run says so
+            self.sink.submit(TagsOp((("trainwatch.weight_dist_init_from_step", str(trainer.global_step)),)))
+            log.info("trainwatch: resumed at step %d; weight_dist_init measures from the weights at that step.", trainer.global_step)
         if self.diagnose or self.on_nonfinite != "warn":  # every rank: "stop" and "skip_step" act on all of them
             self._nonfinite = NonfiniteWatch(binding.params, self._capture.param_index, len(binding.param_keys), pl_module.device)
         if self.activations == "probe":
@@ -656,4 +671,6 @@ class TrainWatch(pl.Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._probe_inputs = state_dict.get("probe_inputs")
+        """A resumed fit forwards the probe batch of the first one (comparable numbers), unless `probe_batch=` is given."""
+        if self.probe_batch is None:
+            self._probe_inputs = state_dict.get("probe_inputs")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -23,6 +24,17 @@ log = logging.getLogger(__name__)
 
 PARAM_COLUMNS = ("grad_norm", "grad_max", "grad_nonfinite", "grad_zero_frac", "weight_norm", "update_norm", "numel")
 ARTIFACT_ROOT = "trainwatch"
+PARAM_TABLE, ACT_TABLE = "stats/params", "histograms/activations"  # folders under ARTIFACT_ROOT of numbered npz parts
+TABLES = (PARAM_TABLE, ACT_TABLE)
+
+
+def next_parts(existing: dict[str, list[str]]) -> dict[str, int]:
+    """The first free part number of each table, given the artifact paths a run already holds in its folders."""
+    out = {}
+    for table, paths in existing.items():
+        numbers = [int(m.group(1)) for p in paths if (m := re.search(r"part-(\d+)\.npz$", p))]
+        out[table] = max(numbers, default=-1) + 1
+    return out
 HISTOGRAM_IMAGE_KEY = "trainwatch/activation_histograms"
 CAM_IMAGE_KEY = "trainwatch/cam"
 
@@ -64,12 +76,15 @@ class Publisher:
         render_every: int = 10,
         render_interval_s: float = 30.0,
         diagnosis: Diagnosis | None = None,
+        first_parts: dict[str, int] | None = None,
     ) -> None:
+        """`first_parts`: the first part number of each table (`TABLES`), after those a resumed run already holds."""
         self.diagnosis = diagnosis
         self.final = False  # set by the callback before the flush at the end of fit: diagnosis.json is then final
         self.param_names, self.act_names = param_names, act_names
-        self.params = _Table("stats/params", rows_per_part)
-        self.acts = _Table("histograms/activations", rows_per_part)
+        first = first_parts or {}
+        self.params = _Table(PARAM_TABLE, rows_per_part, first.get(PARAM_TABLE, 0))
+        self.acts = _Table(ACT_TABLE, rows_per_part, first.get(ACT_TABLE, 0))
         # The evolution image is redrawn after `render_every` snapshots but at most every `render_interval_s`
         # (a matplotlib render takes ~0.5 s of the sink thread, which shares the GIL with training).
         self.render_every, self.render_interval_s = render_every, render_interval_s

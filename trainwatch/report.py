@@ -67,6 +67,17 @@ def _parts(store: object, folder: str) -> list[dict[str, np.ndarray]]:
     return [dict(np.load(io.BytesIO(store.read(p, folder)))) for p in paths]  # type: ignore[attr-defined]
 
 
+def _rows_by_step(parts: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and value rows of a table's parts, sorted by step, one row per step: a fit resumed from an earlier
+    checkpoint logs some steps again, and the later part (the resumed fit) wins."""
+    steps = np.concatenate([p["step"] for p in parts])
+    values = np.concatenate([p["values"] for p in parts])
+    order = np.argsort(steps, kind="stable")  # stable: for one step, a later part's row stays after an earlier one's
+    steps, values = steps[order], values[order]
+    last = np.r_[steps[1:] != steps[:-1], True]
+    return steps[last], values[last]
+
+
 def _optional(store: object, path: str) -> bytes | None:
     try:
         return store.read(path, path)  # type: ignore[attr-defined]
@@ -82,8 +93,7 @@ def _grad_flow(store: object, groups_json: dict | None) -> tuple[list[str], dict
         return [], {}
     names = [str(n) for n in tables[0]["names"]]
     columns = [str(c) for c in tables[0]["columns"]]
-    steps = np.concatenate([t["step"] for t in tables])
-    values = np.concatenate([t["values"] for t in tables])  # [S, P, C]
+    steps, values = _rows_by_step(tables)  # [S], [S, P, C]
     owner = {}
     for group in groups_json.get("groups", []):
         for module in group["param_modules"]:
@@ -102,8 +112,7 @@ def _activations(store: object) -> dict:
     parts = _parts(store, "trainwatch/histograms/activations")
     if not parts:
         return {}
-    steps = np.concatenate([p["step"] for p in parts])
-    values = np.concatenate([p["values"] for p in parts])  # [S, M, C + B]
+    steps, values = _rows_by_step(parts)  # [S], [S, M, C + B]
     pick, modules = _columns(len(steps), MAX_HIST_STEPS), _columns(values.shape[1], MAX_HIST_MODULES)
     values, c = values[pick][:, modules], {name: i for i, name in enumerate(STAT_COLUMNS)}
     counts = values[:, :, len(STAT_COLUMNS) :]
