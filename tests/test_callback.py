@@ -660,3 +660,14 @@ def test_a_fit_resumed_into_the_same_run_keeps_the_first_fits_tables(store, tmp_
     page = build_report([logger.run_id], store)
     payload = json.loads(page.split('id="trainwatch-data">', 1)[1].split("</script>", 1)[0])
     assert payload["runs"][0]["activations"]["steps"] == [0, 2, 4, 6]  # one row per step
+
+
+def test_own_run_logs_each_metric_once_per_step_and_validation_metrics_at_validation(store):
+    pl.seed_everything(0)
+    train, val = loaders(blobs(n=256), batch_size=16)
+    watch = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False, activations="off")
+    trainer(max_steps=12, val_check_interval=4, limit_val_batches=2, callbacks=[watch]).fit(Classifier(mlp()), train, val)
+    client, run = _only_run(store)
+    train_loss = _history(client, run.info.run_id, "train_loss")  # asserts one value per step
+    assert sorted(train_loss) == list(range(0, 12, 2))
+    assert sorted(_history(client, run.info.run_id, "val_loss")) == [4, 8, 12]  # after each validation, not at every step

@@ -232,6 +232,8 @@ class TrainWatch(pl.Callback):
         self._due_at = 0  # global_step at the start of that step's batch, which the cadence is tested on
         self._batch_at = 0  # global_step at the start of the current batch
         self._live_at: int | None = None  # the batch whose training forward the live hooks summarised
+        self._val_keys: set[str] = set()  # metrics validation produces: forwarded after each validation only
+        self._metrics_before_val: dict[str, Any] = {}
         self._throughput = dynamics.Throughput()
         self._status = "FINISHED"
         self._nonfinite: NonfiniteWatch | None = None
@@ -641,16 +643,23 @@ class TrainWatch(pl.Callback):
             packer.host_metrics["train/peak_memory_mb"] = peak
         if self._own_run:  # with an MLFlowLogger, Lightning already logs the module's metrics to this run
             for name, value in trainer.callback_metrics.items():
-                if isinstance(value, Tensor) and value.numel() == 1:
+                if name not in self._val_keys and isinstance(value, Tensor) and value.numel() == 1:
                     packer.metric(name, value)
 
     @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._metrics_before_val = dict(trainer.callback_metrics)  # the tensors themselves: compared by identity, no sync
+
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Forward what this validation produced (our own run only); training metrics go with the logged steps."""
         if not (self._own_run and self.sink is not None and not trainer.sanity_checking):
             return
+        before = self._metrics_before_val
         packer = Packer(trainer.global_step)
         for name, value in trainer.callback_metrics.items():
-            if isinstance(value, Tensor) and value.numel() == 1:
+            if before.get(name) is not value and isinstance(value, Tensor) and value.numel() == 1:
+                self._val_keys.add(name)
                 packer.metric(name, value)
         self.sink.submit(packer.ship())
 
