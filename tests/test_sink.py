@@ -460,16 +460,26 @@ def test_refused_ops_are_dropped_without_taking_the_sink_down(run, make_sink, re
 # --- sync and opening the store -------------------------------------------------------------------------
 
 
-def test_sync_delivers_a_spool_and_ends_the_run(run, store, tmp_path):
+def test_sync_delivers_a_spool_ends_the_run_when_training_did_and_builds_its_dashboard(run, store, tmp_path, capsys):
+    from trainwatch.cli import main as cli
+    from trainwatch.report import REPORT_PATH
+
     client, run_id = run
     spool = Spool(tmp_path / "spool")
-    spool.write_meta(store, run_id, "FINISHED")
+    ended = T0 + 60_000  # when training ended, long before the server came back
+    spool.write_meta(store, run_id, "FINISHED", end_time_ms=ended, report=True)
     spool.append([metrics(step) for step in range(7)])
     assert sync(tmp_path / "spool") == 7
     assert steps_of(client, run_id, "a") == list(range(7))
-    assert client.get_run(run_id).info.status == "FINISHED"
+    info = client.get_run(run_id).info
+    assert (info.status, info.end_time) == ("FINISHED", ended)
+    assert any(f.path == REPORT_PATH for f in client.list_artifacts(run_id, "trainwatch"))
+    assert not (tmp_path / "spool").exists()  # delivered: nothing left to sync twice
     with pytest.raises(FileNotFoundError, match=r"no run\.json"):
-        sync(tmp_path / "not-a-spool")
+        sync(tmp_path / "spool")
+    assert cli(["sync", str(tmp_path / "spool")]) == 1
+    err = capsys.readouterr().err
+    assert "is not a trainwatch spool" in err and "run the command again" not in err
 
 
 @pytest.mark.parametrize("uri", ["htp:/nope", "http//no-scheme"])

@@ -9,6 +9,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -314,7 +315,7 @@ class TrainWatch(pl.Callback):
         except Exception as error:
             raise MisconfigurationException(str(error)) from error
         spool = Spool(Path(self.spool_dir or Path(".trainwatch") / "spool") / self.run_id)
-        spool.write_meta(uri, self.run_id)
+        spool.write_meta(uri, self.run_id, report=self.report)
         assert self.plan is not None
         b = bind(self.plan, trainer.lightning_module)
         module = trainer.lightning_module
@@ -503,6 +504,7 @@ class TrainWatch(pl.Callback):
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
+        ended_ms = int(time.time() * 1000)  # the run's end time: now, not after the deliveries below
         if self.sink is not None:
             if self._report_thread is not None:
                 self._report_thread.join(timeout=300)  # an in-between dashboard finishes before the final one
@@ -510,7 +512,7 @@ class TrainWatch(pl.Callback):
             if self.report and not len(self.sink.spool):
                 self._log_report(final_status=self._status)  # the run ends right after this page is logged
             if self._own_run:
-                self._end_own_run()
+                self._end_own_run(ended_ms)
             self.sink = None
 
     def _report_in_background(self) -> None:
@@ -536,18 +538,18 @@ class TrainWatch(pl.Callback):
         except Exception as error:  # noqa: BLE001 - the report must never fail a finished training
             log.warning("trainwatch: the run dashboard was not built (%s); `trainwatch report %s` builds it later.", error, self.run_id)
 
-    def _end_own_run(self) -> None:
+    def _end_own_run(self, ended_ms: int) -> None:
         """End our run with its status, or leave the status in the spool for `trainwatch sync` to set once
         the spooled ops are delivered (also when the server went away after the last op)."""
         assert self.sink is not None
         spool = self.sink.spool
         if not len(spool):
             try:
-                end_run(self._client, self.run_id, self._status)
+                end_run(self._client, self.run_id, self._status, ended_ms)
                 return
             except Exception as error:  # noqa: BLE001 - any client error: the status must not be lost
                 log.warning("trainwatch: could not end run %s (%s); its status waits in %s.", self.run_id, error, spool.directory)
-        spool.write_meta(tracking_uri_of(self._client), self.run_id, self._status)
+        spool.write_meta(tracking_uri_of(self._client), self.run_id, self._status, ended_ms, report=self.report)
         log.warning("trainwatch: run %s is not complete on the server; deliver it with `trainwatch sync %s`.", self.run_id, spool.directory)
 
     # --- training hooks ---------------------------------------------------------------------------------

@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         except SyncIncomplete as error:  # it says what was delivered and what is left
             print(f"trainwatch sync: {error}", file=sys.stderr)
             return 1
+        except FileNotFoundError as error:
+            print(f"trainwatch sync: {error} A spool holds run.json and ops.jsonl, and is removed once delivered.", file=sys.stderr)
+            return 1
         except Exception as error:  # noqa: BLE001 - a CLI reports any failure as a message and exit code 1
             print(f"trainwatch sync: {error}", file=sys.stderr)
             print("Nothing was removed from the spool; run the command again once the server is reachable.", file=sys.stderr)

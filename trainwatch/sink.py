@@ -77,8 +77,9 @@ def open_client(tracking_uri: str) -> MlflowClient:
         raise ConnectionError(
             f"trainwatch cannot reach the MLflow tracking store at {tracking_uri!r}: {type(error).__name__}: "
             f"{str(error)[:300]}. Check the URI ('http://host:port' for a server, 'sqlite:///path/mlflow.db' for a "
-            f"local file), start the server (e.g. `mlflow server --host 127.0.0.1 --port 5000`), or pass "
-            f"`TrainWatch(tracking_uri=...)` / set MLFLOW_TRACKING_URI to a reachable store such as 'sqlite:///mlflow.db'."
+            f"local file), start the server (e.g. `mlflow server --host 127.0.0.1 --port 5000`), or point trainwatch at a "
+            f"reachable store such as 'sqlite:///mlflow.db': `TrainWatch(tracking_uri=...)` in training, `--tracking-uri` "
+            f"on the command line, or MLFLOW_TRACKING_URI."
         ) from error
     return client
 
@@ -130,8 +131,9 @@ def account() -> str:
     return "the token in MLFLOW_TRACKING_TOKEN" if os.environ.get("MLFLOW_TRACKING_TOKEN") else "this process (no credentials set)"
 
 
-def end_run(client: MlflowClient, run_id: str, status: str) -> None:
-    client.set_terminated(run_id, status=status)
+def end_run(client: MlflowClient, run_id: str, status: str, end_time_ms: int | None = None) -> None:
+    """End a run with `status`, at `end_time_ms` (when training ended; default now)."""
+    client.set_terminated(run_id, status=status, end_time=end_time_ms)
 
 
 def tracking_uri_of(client: MlflowClient) -> str:
@@ -188,7 +190,15 @@ def sync(spool_dir: str | Path) -> int:
             f"artifacts (check its --artifacts-destination)."
         )
     if meta.get("end_status"):
-        end_run(client, meta["run_id"], meta["end_status"])
+        end_run(client, meta["run_id"], meta["end_status"], meta.get("end_time_ms"))  # when training ended, not now
+    spool.remove_if_delivered()  # a second sync finds nothing to do, and says so
+    if meta.get("report"):
+        from trainwatch.report import REPORT_PATH, build_report
+
+        try:
+            client.log_text(meta["run_id"], build_report([meta["run_id"]], meta["tracking_uri"]), REPORT_PATH)
+        except Exception as error:  # noqa: BLE001 - the records are delivered; the page can be built later
+            log.warning("trainwatch sync: the dashboard was not built (%s); `trainwatch report %s` builds it.", error, meta["run_id"])
     return delivered
 
 
@@ -212,10 +222,13 @@ class Spool:
         with self.index.open() as f:
             return sum(1 for _ in f)
 
-    def write_meta(self, tracking_uri: str, run_id: str, end_status: str | None = None) -> None:
-        """Where the ops belong, and the status to end the run with once they are delivered (own runs)."""
+    def write_meta(
+        self, tracking_uri: str, run_id: str, end_status: str | None = None, end_time_ms: int | None = None, report: bool = False
+    ) -> None:
+        """Where the ops belong; for own runs the status and time to end the run with once they are delivered; and
+        whether to build the run's dashboard then (it is not built while records wait in the spool)."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        meta = {"tracking_uri": tracking_uri, "run_id": run_id, "end_status": end_status}
+        meta = {"tracking_uri": tracking_uri, "run_id": run_id, "end_status": end_status, "end_time_ms": end_time_ms, "report": report}
         (self.directory / "run.json").write_text(json.dumps(meta))
 
     def read_meta(self) -> dict:
