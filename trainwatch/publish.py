@@ -35,6 +35,8 @@ def next_parts(existing: dict[str, list[str]]) -> dict[str, int]:
         numbers = [int(m.group(1)) for p in paths if (m := re.search(r"part-(\d+)\.npz$", p))]
         out[table] = max(numbers, default=-1) + 1
     return out
+
+
 HISTOGRAM_IMAGE_KEY = "trainwatch/activation_histograms"
 CAM_IMAGE_KEY = "trainwatch/cam"
 
