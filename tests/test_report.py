@@ -188,6 +188,16 @@ def test_dashboard_through_a_real_mlflow_server_and_compare(tmp_path, monkeypatc
         ui = f"{server.url}/#/experiments/{experiment}/runs/{first}/artifacts/{urllib.parse.quote(REPORT_PATH)}"
         compare = tmp_path / "compare.html"
         assert cli(["report", first, second, "--tracking-uri", server.url, "--out", str(compare)]) == 0
+        own = mlflow.MlflowClient(server.url).download_artifacts(first, REPORT_PATH, str(tmp_path / "own"))
+        assert cli(["report", first, second, "--tracking-uri", server.url]) == 0  # logged beside, not over, the run's own
+        assert (
+            Path(own).read_text()
+            == Path(mlflow.MlflowClient(server.url).download_artifacts(first, REPORT_PATH, str(tmp_path / "again"))).read_text()
+        )
+        assert any(
+            f.path == f"trainwatch/compare-{second}.html" for f in mlflow.MlflowClient(server.url).list_artifacts(first, "trainwatch")
+        )
+        assert cli(["report", first, first, "--tracking-uri", server.url]) == 2  # a run against itself is no comparison
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})

@@ -33,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     report = sub.add_parser("report", help="build the run dashboard (one run, or two side by side)")
     report.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="one run id, or two to compare")
     report.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI, then sqlite:///mlflow.db")
-    report.add_argument("--out", default=None, help="write the page to this file instead of logging it to the (first) run")
+    report.add_argument(
+        "--out",
+        default=None,
+        help="write the page to this file instead of logging it to the (first) run (two runs: trainwatch/compare-RUN_B.html)",
+    )
     sync = sub.add_parser("sync", help="deliver records spooled while the MLflow server was unreachable")
     sync.add_argument("spool_dir")
     args = parser.parse_args(argv)
@@ -93,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 def _report(run_ids: list[str], tracking_uri: str | None, out: str | None) -> int:
     from trainwatch.report import REPORT_PATH, build_report
 
-    if len(run_ids) > 2:
-        print("trainwatch report: give one run id, or two to compare", file=sys.stderr)
+    if len(run_ids) > 2 or len(set(run_ids)) < len(run_ids):
+        print("trainwatch report: give one run id, or two different ones to compare", file=sys.stderr)
         return 2
     try:
         html = build_report(run_ids, tracking_uri)
@@ -104,8 +108,10 @@ def _report(run_ids: list[str], tracking_uri: str | None, out: str | None) -> in
         else:
             from trainwatch.runs import RunStore
 
-            RunStore(run_ids[0], tracking_uri).write({REPORT_PATH: html.encode()})
-            print(f"trainwatch report: logged {REPORT_PATH} to run {run_ids[0]} ({len(html) / 1e6:.2f} MB)")
+            # a comparison goes beside the first run's own dashboard, not over it
+            path = REPORT_PATH if len(run_ids) == 1 else f"trainwatch/compare-{run_ids[1]}.html"
+            RunStore(run_ids[0], tracking_uri).write({path: html.encode()})
+            print(f"trainwatch report: logged {path} to run {run_ids[0]} ({len(html) / 1e6:.2f} MB)")
     except (ValueError, FileNotFoundError, ConnectionError) as error:
         print(f"trainwatch report: {error}", file=sys.stderr)
         return 1
