@@ -338,6 +338,13 @@ def test_exception_in_training_keeps_everything_logged_and_fails_the_run(store):
     assert run.info.status == "FAILED"
     hist = _npz(client, run.info.run_id, "trainwatch/histograms/activations/part-00000.npz")
     assert hist["step"].tolist() == [0, 1, 2, 3, 4]  # the open part was flushed on the exception
+    # the landscape job says why this run has no checkpoint, rather than "attach TrainWatch"
+    from trainwatch.cli import main as cli
+    from trainwatch.landscape.job import LandscapeSpec, run_landscape
+
+    with pytest.raises(FileNotFoundError, match="it ended FAILED, before the end of `fit`"):
+        run_landscape(LandscapeSpec(run_id=run.info.run_id, tracking_uri=store, steps=3), progress=None)
+    assert cli(["landscape", run.info.run_id, "--tracking-uri", store, "--steps", "3"]) == 1
 
 
 def test_large_model_stays_under_the_key_budget(store):

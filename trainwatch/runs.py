@@ -44,6 +44,13 @@ class RunStore:
             try:
                 local = self.client.download_artifacts(self.run_id, path, tmp)
             except (MlflowException, OSError) as error:
+                status = self.run.info.status
+                if status in ("FAILED", "KILLED"):
+                    raise FileNotFoundError(
+                        f"run {self.run_id} has no {what} ({path}): it ended {status}, before the end of `fit`, where "
+                        f"TrainWatch logs the model and its checkpoint. Finish the training (resume it from a checkpoint "
+                        f"of your own), then run this again."
+                    ) from error
                 raise FileNotFoundError(
                     f"run {self.run_id} has no {what} ({path}). Train with `TrainWatch()` attached (it logs the evaluation "
                     f"subset at the start of `fit` and the checkpoint at its end; `landscape_samples=0` turns both off)."
