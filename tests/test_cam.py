@@ -205,3 +205,15 @@ def test_bad_input_is_explained():
     mlp = nn.Sequential(nn.Flatten(), nn.Linear(192, 2))
     with pytest.raises(ValueError, match="has a spatial output"):
         cam.default_layer_name(mlp, x)
+
+
+@pytest.mark.parametrize("method", ["grad_cam", "guided_backprop"])
+def test_a_compiled_model_gets_the_maps_of_its_eager_self(method):
+    """The functional API on a `torch.compile`d module: its hooks must fire, so it runs eagerly."""
+    net = _net()
+    x, targets = torch.randn(2, 3, 10, 12), torch.tensor([1, 3])
+    eager = getattr(cam, method)(net, x, "relu", targets)
+    compiled = torch.compile(net, backend="eager")
+    compiled(x)  # compiled once, as in training
+    torch.testing.assert_close(getattr(cam, method)(compiled, x, "_orig_mod.relu", targets), eager)
+    torch.testing.assert_close(cam.grad_cam(compiled, x, None, targets), cam.grad_cam(net, x, None, targets))  # default layer

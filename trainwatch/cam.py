@@ -53,7 +53,7 @@ def default_layer_name(model: nn.Module, inputs: Tensor) -> str:
         if name and not any(m.children())
     ]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):  # hooks fire in a compiled model too
             model(inputs)
     finally:
         for h in handles:
@@ -68,8 +68,9 @@ def default_layer_name(model: nn.Module, inputs: Tensor) -> str:
 
 @contextmanager
 def _grad_mode(inputs: Tensor):
-    """Gradients on even inside `no_grad` or `inference_mode` (validation), on a normal copy of the inputs."""
-    with torch.inference_mode(False), torch.enable_grad():
+    """Gradients on even inside `no_grad` or `inference_mode` (validation), on a normal copy of the inputs; a
+    `torch.compile`d model runs eagerly, so that the hooks on its modules fire (and no graph is compiled)."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.compiler.set_stance("force_eager"):
         yield inputs.detach().clone()
 
 
