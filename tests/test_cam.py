@@ -217,3 +217,16 @@ def test_a_compiled_model_gets_the_maps_of_its_eager_self(method):
     compiled(x)  # compiled once, as in training
     torch.testing.assert_close(getattr(cam, method)(compiled, x, "_orig_mod.relu", targets), eager)
     torch.testing.assert_close(cam.grad_cam(compiled, x, None, targets), cam.grad_cam(net, x, None, targets))  # default layer
+
+
+def test_normalised_maps_of_a_small_head_reach_one_and_a_constant_map_is_zero():
+    """A head initialised small (timm's head_init_scale) gives maps of 1e-9: min-max must not squash them."""
+    net = _net()
+    with torch.no_grad():
+        net.fc.weight.mul_(1e-6)
+    maps = cam.grad_cam(net, torch.randn(2, 3, 10, 12), "relu", torch.tensor([0, 1]))
+    torch.testing.assert_close(maps.amax((1, 2)), torch.ones(2))
+    assert torch.equal(cam.normalize_maps(torch.full((1, 4, 4), 3.0)), torch.zeros(1, 4, 4))
+    flat = torch.full((1, 4, 4), 3.0)
+    flat[0, 0, 0] = 3.0 + 1e-7  # float rounding of a constant, not a map
+    assert torch.equal(cam.normalize_maps(flat), torch.zeros(1, 4, 4))

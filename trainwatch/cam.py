@@ -120,10 +120,13 @@ def upsample(maps: Tensor, size: Sequence[int]) -> Tensor:
 
 
 def normalize_maps(maps: Tensor) -> Tensor:
-    """Min-max per map to [0, 1]; a constant map becomes all zeros."""
+    """Min-max per map to [0, 1]; a constant map (its spread within float rounding of its values) becomes all
+    zeros. The test is relative: a model with a small head has small maps, and they are maps all the same."""
     flat = maps.flatten(1)
     lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
-    return ((flat - lo) / (hi - lo).clamp_min(EPS)).reshape(maps.shape)
+    spread = hi - lo
+    varies = spread > 1e-6 * torch.maximum(hi.abs(), lo.abs())
+    return torch.where(varies, (flat - lo) / torch.where(varies, spread, 1.0), 0.0).reshape(maps.shape)
 
 
 def _finish(cam: Tensor, inputs: Tensor, normalize: bool) -> Tensor:
