@@ -237,46 +237,8 @@ def test_full_queue_never_blocks_submit_and_keeps_everything_in_order(run, make_
     link.gate.set()
     assert sink.flush(timeout=120)
     assert steps_of(client, run_id, "a") == list(range(1001))
-    assert link.steps("a") == list(range(1001)), "items overtook each other between the queue, the overflow and the spool"
-    assert sink.stats.spooled_ops > 0 and len(sink.spool) == 0  # the backlog went through the disk, and all of it out
-
-
-class Gauge(Link):
-    """A Link that notes, at every delivery, how many submitted items still waited in the sink's memory."""
-
-    def __init__(self, writer: MlflowWriter) -> None:
-        super().__init__(writer)
-        self.sink: MlflowSink | None = None
-        self.backlog: list[int] = []
-
-    def __call__(self, op: Op) -> None:
-        assert self.sink is not None
-        self.backlog.append(self.sink._queue.qsize() + len(self.sink._overflow))
-        super().__call__(op)
-
-
-def test_a_slow_server_gets_the_backlog_from_disk_while_memory_holds_at_most_half_a_queue(run, tmp_path, recwarn):
-    """While MLflow is slow (here: stuck in a call while 300 records arrive), every later call to it starts only
-    once the worker has moved the backlog to the spool: memory holds less than half a queue then. The backlog is
-    delivered from the spool in order, exactly once."""
-    client, run_id = run
-    link = Gauge(MlflowWriter(client, run_id))
-    sink = MlflowSink(link, Spool(tmp_path / "spool"), queue_size=20, deliver_every_s=0.0)
-    link.sink = sink
-    sink.start()
-    link.gate.clear()
-    sink.submit(metrics(0))
-    assert link.entered.wait(30)
-    for step in range(1, 301):
-        sink.submit(metrics(step))
-    assert link.backlog == [0] and sink.stats.overflowed > 250  # stuck in the first call; the rest is in memory
-    link.gate.set()
-    sink.close(timeout=120)
-    assert link.calls > 1 and max(link.backlog[1:]) < 10, link.backlog  # half of queue_size=20
-    assert sink.stats.spooled_ops > 0 and sink.stats.replayed_ops == sink.stats.spooled_ops
-    assert steps_of(client, run_id, "a") == list(range(301))
-    assert link.steps("a") == list(range(301))
-    assert not (tmp_path / "spool").exists()  # nothing left behind
+    assert link.steps("a") == list(range(1001)), "items overtook each other between the queue and the overflow"
+    assert sink.stats.spooled_ops == 0
 
 
 def test_flush_timeout_holds_when_the_queue_is_full(make_sink):
@@ -339,17 +301,6 @@ def test_replay_that_fails_midway_keeps_the_rest_for_the_next_replay(run, tmp_pa
     assert steps_of(client, run_id, "a") == list(range(10))
     assert link.steps("a") == list(range(10))
     assert len(spool) == 0
-
-
-def test_replay_with_a_limit_delivers_that_many_and_keeps_the_rest_in_order(run, tmp_path):
-    client, run_id = run
-    spool = Spool(tmp_path / "spool")
-    spool.append([metrics(step) for step in range(10)])
-    link = Link(MlflowWriter(client, run_id))
-    assert spool.replay(link, limit=4) == 4 and len(spool) == 6
-    assert spool.replay(link, limit=4) == 4 and len(spool) == 2
-    assert spool.replay(link, limit=4) == 2 and len(spool) == 0
-    assert link.steps("a") == list(range(10)) and steps_of(client, run_id, "a") == list(range(10))
 
 
 def test_sink_replays_by_itself_when_deliver_works_again(run, make_sink, recwarn):

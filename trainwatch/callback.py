@@ -97,8 +97,7 @@ class TrainWatch(pl.Callback):
         distance_from_init: keep a copy of the initial weights for `weight_dist_init`, off the training device (in
             pinned host memory beside a GPU, in an unlinked temporary file beside the CPU).
         system_metrics: start MLflow's system-metrics monitor (CPU, RAM, GPU) on the run.
-        spool_dir: where records wait on disk while MLflow is unreachable or behind; default `.trainwatch/spool/<run>`.
-        queue_size: records queued for the sink thread; from half of it on, the backlog goes to the spool.
+        spool_dir: where records wait on disk while MLflow is unreachable; default `.trainwatch/spool/<run>`.
         writer: "process" runs MLflow's client in a child process, so its Python (SQLAlchemy for a local store)
             never holds the training process's interpreter lock; "thread" runs it in the sink thread (no extra
             process: 170-230 MB less RAM).

@@ -34,7 +34,6 @@ _STOP = object()
 # 7 retries, backoff 2) hold a writer for minutes on a dead server.
 HTTP_TIMEOUT_S = "10"
 HTTP_RETRIES = "2"
-REPLAY_CHUNK = 200  # spooled ops replayed per delivery while a backlog is on disk, so new records are spilled in between
 
 
 def use_short_http_timeouts() -> None:
@@ -294,9 +293,9 @@ class Spool:
             return TagsOp(tuple((k, v) for k, v in d["items"]))
         return ParamsOp(tuple((k, v) for k, v in d["items"]))
 
-    def replay(self, deliver: Callable[[Op], None], limit: int | None = None) -> int:
-        """Deliver spooled ops in order (at most `limit` of them); on failure keep the undelivered rest and re-raise.
-        Returns the number delivered. An entry that cannot be read back (a line torn by a crash, a missing blob) can never be
+    def replay(self, deliver: Callable[[Op], None]) -> int:
+        """Deliver spooled ops in order; on failure keep the undelivered rest and re-raise. Returns the number
+        delivered. An entry that cannot be read back (a line torn by a crash, a missing blob) can never be
         delivered: it is logged and skipped rather than blocking everything after it. An artifact or image the
         artifact store refuses (`ArtifactStoreError`) stays, and so does every artifact and image after it (a later
         version of a file must not be overwritten by an earlier one); the other ops after it are delivered."""
@@ -306,9 +305,6 @@ class Spool:
         delivered = 0
         kept: list[str] = []
         for i, line in enumerate(lines):
-            if limit is not None and delivered >= limit:
-                self._rewrite(kept + lines[i:])
-                return delivered
             try:
                 entry = json.loads(line)
                 op = self._decode(entry)
@@ -468,10 +464,7 @@ class SinkStats:
 class MlflowSink:
     """Bounded queue → worker thread → batched MLflow writes, with a disk spool while MLflow is down.
 
-    `publish(item) -> list[Op]` runs on the worker thread and turns submitted items into ops. When MLflow takes
-    ops more slowly than training submits them, the worker moves the backlog (from half a queue on) to the spool
-    at disk speed and delivers it from there in chunks, in order: memory stays bounded by the queue plus what
-    arrives during one MLflow call, and the backlog waits on disk.
+    `publish(item) -> list[Op]` runs on the worker thread and turns submitted items into ops.
     """
 
     def __init__(
@@ -489,8 +482,6 @@ class MlflowSink:
         # Items submitted while the queue is full wait here, in order, behind everything queued before them;
         # deque.append / popleft are atomic, so the training thread parks an item without a lock or I/O.
         self._overflow: collections.deque = collections.deque()
-        self._spill_at = max(1, queue_size // 2)  # backlog (queued + parked items) from which it goes to disk
-        self._spilled = False  # ops are in the spool because the sink fell behind (not because MLflow is down)
         self._retry_after_s = retry_after_s
         # Ops wait up to this long (or until a full log_batch of values is pending) to be written together: MLflow's
         # per-call cost dominates small batches (SQLite: ~12 ms of CPU for one step's 100 values alone, ~5 ms each when
@@ -521,9 +512,9 @@ class MlflowSink:
             if self.stats.overflowed == 1:
                 log.warning(
                     "trainwatch: %s takes records more slowly than training makes them: the sink queue (%d records) is "
-                    "full. The backlog goes to %s and is delivered from there, in order; none is dropped. A larger "
-                    "every_n_steps, or a tracking server closer to this machine, lets it keep up.",
-                    self._describe, self._queue.maxsize, self.spool.directory,
+                    "full. Later records wait in memory, in order; none is dropped. A larger every_n_steps, or a tracking "
+                    "server closer to this machine, lets it keep up.",
+                    self._describe, self._queue.maxsize,
                 )  # fmt: skip
 
     def _enqueue(self, item: object) -> bool:
@@ -577,12 +568,6 @@ class MlflowSink:
                 f"{self.spool.directory}. Deliver them once its artifact store works with: trainwatch sync {self.spool.directory}",
                 stacklevel=2,
             )
-        elif left and self._down_since is None:
-            warnings.warn(
-                f"trainwatch: {self._describe} had not taken {left} operations of the backlog when the sink stopped; they are "
-                f"kept in {self.spool.directory}. Deliver them with: trainwatch sync {self.spool.directory}",
-                stacklevel=2,
-            )
         elif left:
             warnings.warn(
                 f"trainwatch: {self._describe} was unreachable ({self.last_error}); {left} operations are kept in "
@@ -591,9 +576,8 @@ class MlflowSink:
             )
         if self.stats.overflowed:
             log.warning(
-                "trainwatch: the sink queue overflowed %d times; the backlog went through %s, none dropped.",
-                self.stats.overflowed, self.spool.directory,
-            )  # fmt: skip
+                "trainwatch: the sink queue overflowed %d times; those records were parked in memory, none dropped.", self.stats.overflowed
+            )
 
     # --- worker thread ---------------------------------------------------------------------------------
     def _next(self, wait_s: float) -> object | None:
@@ -622,7 +606,7 @@ class MlflowSink:
             item = self._next(wait)
             if item is _STOP or isinstance(item, threading.Event):
                 ops, pending, values, since = pending + self._safe_publish(_FLUSH), [], 0, None
-                self._safe_deliver(ops, final=item is _STOP, drain=True)
+                self._safe_deliver(ops, final=item is _STOP)
                 if item is _STOP:
                     return
                 item.set()
@@ -633,26 +617,11 @@ class MlflowSink:
                     since = time.monotonic()
                 pending.extend(new)
                 values += sum(len(op.values) for op in new if isinstance(op, MetricsOp))
-                if self._backlog() >= self._spill_at and self._down_since is None:
-                    ops, pending, values, since = pending, [], 0, None
-                    self._spill(ops)  # behind: to disk at disk speed, not to MLflow at its speed
-                    continue
             if pending and (values >= MAX_METRICS_PER_BATCH or time.monotonic() - since >= self._deliver_every_s):  # type: ignore[operator]
                 ops, pending, values, since = pending, [], 0, None
                 self._safe_deliver(ops)
-            elif item is None and not pending and (self._down_since is not None or self._held is not None or self._spilled):
-                self._safe_deliver([])  # retry or drain the spool while idle
-
-    def _backlog(self) -> int:
-        return self._queue.qsize() + len(self._overflow)
-
-    def _spill(self, ops: list[Op]) -> None:
-        try:
-            self.stats.spooled_ops += self.spool.append(batched(ops))
-            self._spilled = True
-        except Exception:  # the disk is full: deliver them the slow way rather than lose them
-            log.exception("trainwatch: the sink's backlog could not be written to %s; it is delivered from memory", self.spool.directory)
-            self._safe_deliver(ops)
+            elif item is None and not pending and (self._down_since is not None or self._held is not None):
+                self._safe_deliver([])  # retry the spool while idle
 
     def _safe_publish(self, item: object) -> list[Op]:
         try:
@@ -661,30 +630,16 @@ class MlflowSink:
             log.exception("trainwatch: could not turn a record into MLflow operations; it is skipped")
             return []
 
-    def _safe_deliver(self, ops: list[Op], final: bool = False, drain: bool = False) -> None:
+    def _safe_deliver(self, ops: list[Op], final: bool = False) -> None:
         """`_deliver`, but an unexpected error (the spool's disk full) is logged: the worker must live on, or
         `flush` and `close` would wait for it in vain."""
         try:
-            self._deliver(ops, final, drain)
+            self._deliver(ops, final)
         except Exception:
             log.exception("trainwatch: %d operations could be neither delivered nor spooled; they are lost", len(ops))
 
-    def _deliver(self, ops: list[Op], final: bool = False, drain: bool = False) -> None:
-        """Send `ops`, or spool them while MLflow is down or behind. `final`: the last call (retry now, whatever
-        the timer says); `drain`: a flush, which delivers a backlog waiting on disk in full rather than a chunk."""
+    def _deliver(self, ops: list[Op], final: bool = False) -> None:
         ops = batched(ops)
-        if self._spilled and self._down_since is None and self._held is None:
-            # a backlog waits on disk: a chunk of it first (all of it on a flush), new ops behind it, in order
-            try:
-                self.stats.replayed_ops += self.spool.replay(self._send, limit=None if drain else REPLAY_CHUNK)
-            except Exception as error:  # noqa: BLE001
-                self._went_down(error)
-                self.stats.spooled_ops += self.spool.append(ops)
-                return
-            if len(self.spool):
-                self.stats.spooled_ops += self.spool.append(ops)
-                return
-            self._spilled = False
         if self._down_since is not None or self._held is not None:
             due = final or time.monotonic() >= self._next_try
             if self._down_since is not None and not due:
