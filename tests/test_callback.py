@@ -508,6 +508,10 @@ def test_two_optimizers_give_one_record_per_optimizer_step(store, every, logged,
     if activations == "live":  # the batch's forward up to its first backward: 16 samples of 8 units, nothing else
         hist = _npz(client, rid, "trainwatch/histograms/activations/part-00000.npz")
         assert hist["values"][:, list(hist["names"]).index("a"), 0].tolist() == [16 * 8] * len(act_steps)
+    # throughput once per logged batch, with its last record: 16 samples per batch, two optimizer steps per batch
+    rate, step_ms = _history(client, rid, "train/samples_per_s"), _history(client, rid, "train/step_ms")
+    assert sorted(rate) == sorted(step_ms) == logged[1::2]
+    assert [rate[s] * step_ms[s] / 1000 for s in sorted(rate)] == pytest.approx([8.0] * len(rate))
     for part in ("a", "b"):
         norms, ratios = _history(client, rid, f"grad_norm/{part}"), _history(client, rid, f"update_ratio/{part}")
         assert sorted(norms) == sorted(ratios) == logged
@@ -678,3 +682,24 @@ def test_own_run_logs_each_metric_once_per_step_and_validation_metrics_at_valida
     train_loss = _history(client, run.info.run_id, "train_loss")  # asserts one value per step
     assert sorted(train_loss) == list(range(0, 12, 2))
     assert sorted(_history(client, run.info.run_id, "val_loss")) == [4, 8, 12]  # after each validation, not at every step
+
+
+class SameNameInBothLoops(Classifier):
+    """Logs "acc" from training_step and from validation_step, as many modules do."""
+
+    def training_step(self, batch, batch_idx):
+        self.log("acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+        return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+
+def test_a_metric_named_alike_in_training_and_validation_keeps_its_training_values(store):
+    pl.seed_everything(0)
+    train, val = loaders(blobs(n=256), batch_size=16)
+    watch = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False, activations="off")
+    trainer(max_steps=12, val_check_interval=4, limit_val_batches=2, callbacks=[watch]).fit(SameNameInBothLoops(mlp()), train, val)
+    client, run = _only_run(store)
+    steps = {m.step for m in client.get_metric_history(run.info.run_id, "acc")}
+    assert {0, 2, 6, 10} <= steps  # training values at the logged steps, also after the first validation

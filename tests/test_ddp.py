@@ -46,6 +46,7 @@ def test_ddp_one_run_rank_zero_logs_and_histograms_sum_over_ranks(tmp_path, ever
     if landscape:
         metrics = runs[0].data.metrics
         assert np.isfinite(metrics["landscape/random/centre_loss"]), metrics
+        assert "landscape/random/sharpness" not in metrics  # 5 points over ±1: none within 0.1 of the centre (NaN)
         assert any(f.path.endswith("random") for f in client.list_artifacts(run_id, "trainwatch/landscape"))
 
 

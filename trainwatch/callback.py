@@ -6,6 +6,7 @@ No maths (that is `capture` and `probes`) and no MLflow calls (that is the sink,
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import threading
@@ -232,7 +233,7 @@ class TrainWatch(pl.Callback):
         self._due_at = 0  # global_step at the start of that step's batch, which the cadence is tested on
         self._batch_at = 0  # global_step at the start of the current batch
         self._live_at: int | None = None  # the batch whose training forward the live hooks summarised
-        self._val_keys: set[str] = set()  # metrics validation produces: forwarded after each validation only
+        self._val_values: dict[str, Any] = {}  # what each validation produced: forwarded then, not again at logged steps
         self._metrics_before_val: dict[str, Any] = {}
         self._throughput = dynamics.Throughput()
         self._status = "FINISHED"
@@ -291,7 +292,7 @@ class TrainWatch(pl.Callback):
         within `max_metric_keys`: run-wide `train/` keys, CAM keys per probe image, system metrics, the landscape."""
         keys = RESERVED_KEYS
         if self._cam_on:
-            probes = len(self.cam_probes) if isinstance(self.cam_probes, Tensor) else self.cam_samples
+            probes = len(self.cam_probes) if self.cam_probes is not None else self.cam_samples  # a tensor or indices
             keys += probes * (2 + len(self.cam_methods))  # confidence, true-class probability, raw max per method
         if self.system_metrics:
             keys += SYSTEM_KEYS + SYSTEM_KEYS_PER_GPU * torch.cuda.device_count()
@@ -425,7 +426,8 @@ class TrainWatch(pl.Callback):
         for name, data in landscape_artifacts(landscape).items():
             self.sink.submit(ArtifactOp(f"trainwatch/landscape/{spec.name}/{name}", data))
         packer = Packer(trainer.global_step)
-        packer.host_metrics.update({f"landscape/{spec.name}/{k}": v for k, v in landscape.metrics(spec.sharpness_radius).items()})
+        metrics = landscape.metrics(spec.sharpness_radius).items()
+        packer.host_metrics.update({f"landscape/{spec.name}/{k}": v for k, v in metrics if math.isfinite(v)})  # as the job does
         self.sink.submit(packer.ship())
         self.sink.submit(ParamsOp(tuple((f"landscape/{spec.name}/{k}", str(v)) for k, v in spec.settings().items())))
 
@@ -573,7 +575,7 @@ class TrainWatch(pl.Callback):
         steps several optimizers (each one a global_step) logs all of them or none."""
         step, at = trainer.global_step, self._batch_at
         if self._due_step is not None and step > self._due_step:
-            self._complete(trainer, pl_module)  # several optimizers per batch: the previous one's step is done
+            self._complete(trainer, pl_module, batch_end=False)  # several optimizers per batch: the previous step is done
         acting = self.on_nonfinite != "warn"
         watch = self._nonfinite if (acting or trainer.is_global_zero) else None  # "warn" needs it on rank zero only
         bad = watch.check(step) if watch is not None else None
@@ -610,10 +612,11 @@ class TrainWatch(pl.Callback):
         if self._capture is not None and self.activations == "live":
             self._capture.activations.disarm()  # a training_step that returned None ran no backward
         if self._due_step is not None and trainer.global_step > self._due_step:
-            self._complete(trainer, pl_module)
+            self._complete(trainer, pl_module, batch_end=True)
 
-    def _complete(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """After the logged optimizer step: updates, activations, CAM and dynamics, then hand the record over."""
+    def _complete(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_end: bool) -> None:
+        """After the logged optimizer step: updates, activations, CAM and, with the batch's last record, its
+        throughput; then hand the record over."""
         at = self._due_at
         self._due_step = None
         capture, packer = self._capture, self._packer
@@ -633,18 +636,19 @@ class TrainWatch(pl.Callback):
         if packer is None or self.sink is None:
             return
         self._packer = None
-        if self._due(trainer, at):
+        if self._due(trainer, at) and batch_end:  # timing and samples are per batch: measured once it is over
             self._dynamics(trainer, pl_module, packer)
         self.sink.submit(packer.ship())
 
     def _dynamics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, packer: Packer) -> None:
+        """Throughput since the last logged batch, device memory, and (our own run) the module's training metrics."""
         packer.host_metrics.update(self._throughput.lap(trainer.global_step, trainer.world_size))
         peak = dynamics.peak_memory_mb(pl_module.device)
         if peak is not None:
             packer.host_metrics["train/peak_memory_mb"] = peak
         if self._own_run:  # with an MLFlowLogger, Lightning already logs the module's metrics to this run
-            for name, value in trainer.callback_metrics.items():
-                if name not in self._val_keys and isinstance(value, Tensor) and value.numel() == 1:
+            for name, value in trainer.callback_metrics.items():  # skip what the last validation produced, as is
+                if value is not self._val_values.get(name) and isinstance(value, Tensor) and value.numel() == 1:
                     packer.metric(name, value)
 
     @override
@@ -660,7 +664,7 @@ class TrainWatch(pl.Callback):
         packer = Packer(trainer.global_step)
         for name, value in trainer.callback_metrics.items():
             if before.get(name) is not value and isinstance(value, Tensor) and value.numel() == 1:
-                self._val_keys.add(name)
+                self._val_values[name] = value
                 packer.metric(name, value)
         self.sink.submit(packer.ship())
 

@@ -38,6 +38,7 @@ class GroupPlan:
     depth: int | None  # None: one group per module; otherwise the name-prefix depth (ranges may pool siblings)
     budget: int
     keys: int = field(default=0)
+    reserved: int = 0  # keys set aside for what is logged outside the groups
 
     def to_json(self) -> dict:
         return {
@@ -45,6 +46,7 @@ class GroupPlan:
             "grouping": "module" if self.depth is None else f"prefix_depth_{self.depth}",
             "max_metric_keys": self.budget,
             "metric_keys": self.keys,
+            "reserved_keys": self.reserved,
             "param_families": list(PARAM_FAMILIES),
             "activation_families": list(ACT_FAMILIES),
             "groups": [
@@ -141,13 +143,13 @@ def plan_groups(params: Sequence[str], acts: Sequence[str], budget: int, reserve
     names = sorted(dict.fromkeys([*params, *acts]), key=lambda n: rank.get(n, len(rank)))
     per_module = _group_by(_keys_for({n: n for n in names}), params, acts)
     if _count_keys(per_module) <= room:
-        return GroupPlan(tuple(per_module), None, budget, _count_keys(per_module))
+        return GroupPlan(tuple(per_module), None, budget, _count_keys(per_module), reserved)
     max_depth = max((n.count(".") + 1 for n in names if n), default=1)
     best: GroupPlan | None = None
     for depth in range(max_depth - 1, 0, -1):
         groups = _group_by(_keys_for({n: _prefix(n, depth) for n in names}), params, acts)
         if _count_keys(groups) <= room:
-            best = GroupPlan(tuple(groups), depth, budget, _count_keys(groups))
+            best = GroupPlan(tuple(groups), depth, budget, _count_keys(groups), reserved)
             break
     # Blocks one level finer than `best` did not fit; ranges of them may still beat `best`
     # (e.g. 60 residual blocks: 20 ranges of 3 rather than one group for all of them).
@@ -178,7 +180,7 @@ def _range_plan(names: list[str], params: Sequence[str], acts: Sequence[str], bu
                 run.append(block)
         groups = _group_by(_keys_for({n: range_of[_prefix(n, depth)] for n in names}), params, acts)
         if _count_keys(groups) <= room:
-            return GroupPlan(tuple(groups), depth, budget, _count_keys(groups))
+            return GroupPlan(tuple(groups), depth, budget, _count_keys(groups), budget - room)
     return None
 
 
