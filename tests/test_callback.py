@@ -673,12 +673,17 @@ def test_a_fit_resumed_into_the_same_run_keeps_the_first_fits_tables(store, tmp_
     assert payload["runs"][0]["activations"]["steps"] == [0, 2, 4, 6]  # one row per step
 
 
-def test_own_run_logs_each_metric_once_per_step_and_validation_metrics_at_validation(store):
+def _fit_validating_every_4_steps(store: str, module: pl.LightningModule):
+    """Our own run, 12 steps logged every 2, a validation every 4; the run's client and record."""
     pl.seed_everything(0)
     train, val = loaders(blobs(n=256), batch_size=16)
     watch = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False, activations="off")
-    trainer(max_steps=12, val_check_interval=4, limit_val_batches=2, callbacks=[watch]).fit(Classifier(mlp()), train, val)
-    client, run = _only_run(store)
+    trainer(max_steps=12, val_check_interval=4, limit_val_batches=2, callbacks=[watch]).fit(module, train, val)
+    return _only_run(store)
+
+
+def test_own_run_logs_each_metric_once_per_step_and_validation_metrics_at_validation(store):
+    client, run = _fit_validating_every_4_steps(store, Classifier(mlp()))
     train_loss = _history(client, run.info.run_id, "train_loss")  # asserts one value per step
     assert sorted(train_loss) == list(range(0, 12, 2))
     assert sorted(_history(client, run.info.run_id, "val_loss")) == [4, 8, 12]  # after each validation, not at every step
@@ -696,10 +701,6 @@ class SameNameInBothLoops(Classifier):
 
 
 def test_a_metric_named_alike_in_training_and_validation_keeps_its_training_values(store):
-    pl.seed_everything(0)
-    train, val = loaders(blobs(n=256), batch_size=16)
-    watch = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False, activations="off")
-    trainer(max_steps=12, val_check_interval=4, limit_val_batches=2, callbacks=[watch]).fit(SameNameInBothLoops(mlp()), train, val)
-    client, run = _only_run(store)
+    client, run = _fit_validating_every_4_steps(store, SameNameInBothLoops(mlp()))
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "acc")}
     assert {0, 2, 6, 10} <= steps  # training values at the logged steps, also after the first validation

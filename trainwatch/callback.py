@@ -34,9 +34,10 @@ from trainwatch.probes import dynamics
 from trainwatch.probes.cam_probe import CamProbe, balanced_probes
 from trainwatch.probes.nonfinite import NonfiniteWatch
 from trainwatch.probes.probe_batch import check_forward, draw_inputs, first_loader
-from trainwatch.publish import TABLES, Publisher, groups_artifact, next_parts
+from trainwatch.publish import ARTIFACT_ROOT, TABLES, Publisher, groups_artifact, next_parts
 from trainwatch.record import Packer
 from trainwatch.report import ARCHITECTURE
+from trainwatch.runs import artifact_paths
 from trainwatch.sink import (
     MlflowSink,
     MlflowWriter,
@@ -57,14 +58,6 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 RESERVED_KEYS = 20  # run-wide keys under train/ (losses, lr, timing, findings) kept out of the per-group budget
 SYSTEM_KEYS, SYSTEM_KEYS_PER_GPU = 8, 6  # MLflow's system-metrics monitor: CPU, RAM, disk, network; per GPU
 LANDSCAPE_KEYS = 5  # landscape/<name>/...: centre loss, sharpness, three curvatures
-
-
-def _artifact_paths(client: Any, run_id: str, folder: str) -> list[str]:
-    """Artifact paths directly under `folder` of a run (none if it does not exist or cannot be listed)."""
-    try:
-        return [f.path for f in client.list_artifacts(run_id, folder)]
-    except Exception:  # noqa: BLE001 - a store that cannot list: start at part 0, as a new run does
-        return []
 
 
 def _like_module(module: nn.Module, inputs: Tensor) -> Tensor:
@@ -322,7 +315,7 @@ class TrainWatch(pl.Callback):
         facts = model_facts(module, b.param_keys, b.act_names)
         diagnosis = Diagnosis(facts, self.diagnosis_thresholds) if self.diagnose else None
         # a fit resumed into the logger's run continues its tables' part numbers instead of overwriting them
-        parts = {} if self._own_run else next_parts({t: _artifact_paths(self._client, self.run_id, f"trainwatch/{t}") for t in TABLES})
+        parts = {} if self._own_run else next_parts({t: artifact_paths(self._client, self.run_id, f"{ARTIFACT_ROOT}/{t}") for t in TABLES})
         publisher = Publisher(list(b.param_names), list(b.act_names), diagnosis=diagnosis, first_parts=parts)
         self._publisher = publisher
         writer = ProcessWriter(uri, self.run_id) if self.writer == "process" else MlflowWriter(self._client, self.run_id)

@@ -21,6 +21,7 @@ import numpy as np
 
 from trainwatch._version import __version__
 from trainwatch.probes.activations import STAT_COLUMNS
+from trainwatch.publish import ACT_TABLE, ARTIFACT_ROOT, PARAM_TABLE
 
 MAX_POINTS = 1000  # per series: min/max pairs of 500 buckets keep spikes visible
 MAX_STEPS = 200  # columns of the gradient-flow and histogram heatmaps
@@ -88,7 +89,7 @@ def _optional(store: object, path: str) -> bytes | None:
 # --- views ------------------------------------------------------------------------------------------------------
 def _grad_flow(store: object, groups_json: dict | None) -> tuple[list[str], dict]:
     """Per-group gradient norm and update ratio over steps, pooled from the per-parameter tables."""
-    tables = _parts(store, "trainwatch/stats/params")
+    tables = _parts(store, f"{ARTIFACT_ROOT}/{PARAM_TABLE}")
     if not tables or groups_json is None:
         return [], {}
     names = [str(n) for n in tables[0]["names"]]
@@ -109,7 +110,7 @@ def _grad_flow(store: object, groups_json: dict | None) -> tuple[list[str], dict
 
 
 def _activations(store: object) -> dict:
-    parts = _parts(store, "trainwatch/histograms/activations")
+    parts = _parts(store, f"{ARTIFACT_ROOT}/{ACT_TABLE}")
     if not parts:
         return {}
     steps, values = _rows_by_step(parts)  # [S], [S, M, C + B]

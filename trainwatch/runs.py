@@ -12,10 +12,19 @@ from pathlib import Path
 
 from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from trainwatch.sink import open_client
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+def artifact_paths(client: MlflowClient, run_id: str, folder: str) -> list[str]:
+    """Paths of the files directly under a run's artifact `folder` (empty when it does not exist)."""
+    try:
+        return [f.path for f in client.list_artifacts(run_id, folder) if not f.is_dir]
+    except (MlflowException, OSError):
+        return []
 
 
 def resolve_tracking_uri(tracking_uri: str | None) -> str:
@@ -59,10 +68,7 @@ class RunStore:
 
     def files_in(self, folder: str) -> list[str]:
         """Artifact paths directly under `folder` (empty when it does not exist)."""
-        try:
-            return [f.path for f in self.client.list_artifacts(self.run_id, folder) if not f.is_dir]
-        except (MlflowException, OSError):
-            return []
+        return artifact_paths(self.client, self.run_id, folder)
 
     def folders_in(self, folder: str) -> list[str]:
         """Artifact folders directly under `folder` (empty when it does not exist)."""
