@@ -3,7 +3,9 @@
 For each model's real parameter shapes (random gradients), times side by side, interleaved over `--repeats`:
   max |g|        `gradients.max_abs` (aminmax per tensor on CPU)   vs  `_foreach_norm(ord=inf)`
   zero count     `gradients.count_nonzero` (per tensor on CPU)     vs  `_foreach_norm(ord=0)`
-  pre-step copy  `gradients.copy_into(buffer, params)` (reused)    vs  `gradients.snapshot(params)` (fresh each time)
+  update norms   the pre-step copy and ‖Δw‖ of a step: `WeightCopy.take` + `.distances` (the page-cache file
+                 beside the CPU, pinned host memory beside a GPU) vs a fresh in-memory `gradients.snapshot` +
+                 `gradients.update_norms` (what CUDA uses); the timed step in between is the same `_foreach_add_`
   non-finite     `NonfiniteWatch.check` on a clean step            (one number: it runs every optimizer step)
 and checks that both sides of each pair agree. Prints the ratio fused / ours.
 
@@ -22,6 +24,7 @@ from _models import MODELS
 
 from trainwatch.probes import gradients as G
 from trainwatch.probes.nonfinite import NonfiniteWatch
+from trainwatch.probes.weight_copy import WeightCopy
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -71,8 +74,22 @@ def bench_model(name: str, device: torch.device, repeats: int) -> None:
     assert torch.equal(G.max_abs(grads), fused_max()) and torch.equal(G.count_nonzero(grads), fused_zero())
     compare("max |g|", run(lambda: G.max_abs(grads)), run(fused_max), repeats)
     compare("zero count", run(lambda: G.count_nonzero(grads)), run(fused_zero), repeats)
-    buffer = G.snapshot(params)
-    compare("pre-step copy", run(lambda: G.copy_into(buffer, params)), run(lambda: G.snapshot(params)), repeats)
+    step = [torch.full_like(p, 1e-3) for p in params]
+    copy = WeightCopy(params)
+
+    def filed() -> torch.Tensor:
+        copy.take(params)
+        torch._foreach_add_(params, step)
+        return copy.distances(params)
+
+    def fresh() -> torch.Tensor:
+        before = G.snapshot(params)
+        torch._foreach_add_(params, step)
+        return G.update_norms(params, before)
+
+    torch.testing.assert_close(filed(), fresh(), rtol=1e-4, atol=0)
+    compare("update norms", run(filed), run(fresh), repeats)
+    copy.close()
     for p, grad in zip(params, grads, strict=True):
         p.grad = grad
     watch = NonfiniteWatch(params, torch.zeros(len(params), dtype=torch.long, device=device), 1, device)

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from trainwatch.ops import MAX_METRICS_PER_BATCH, ArtifactOp, ImageOp, MetricsOp, Op, ParamsOp, TagsOp, batched
+from trainwatch.overflow import IN_MEMORY
 from trainwatch.sink import MlflowSink, MlflowWriter, Spool, absolute_sqlite_uri, create_run, open_client, sync
 
 T0 = 1_700_000_000_000  # fixed capture timestamps (ms), as the Packer fixes them at capture
@@ -233,12 +234,49 @@ def test_full_queue_never_blocks_submit_and_keeps_everything_in_order(run, make_
     assert not link.gate.is_set() and link.calls == 1  # the worker really was stuck the whole time
     assert sink.stats.overflowed >= 998  # the queue holds one item; the worker is stuck
     said = [r.getMessage() for r in caplog.records if "queue (1 records) is full" in r.getMessage()]
-    assert len(said) == 1 and "none is dropped" in said[0]  # said once, when it happened
+    assert len(said) == 1 and "none is dropped" in said[0] and "temporary file" in said[0]  # said once, when it happened
+    # memory holds the newest parked records only: the spill thread moves the rest to disk while the worker is stuck
+    deadline = time.monotonic() + 60  # a deadlock guard, not a timing: the spill thread runs every 50 ms
+    while sink._overflow.in_memory() > IN_MEMORY and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sink._overflow.in_memory() == IN_MEMORY and len(sink._overflow) == sink.stats.overflowed
+    assert sink._overflow.spilled == sink.stats.overflowed - IN_MEMORY
     link.gate.set()
     assert sink.flush(timeout=120)
     assert steps_of(client, run_id, "a") == list(range(1001))
-    assert link.steps("a") == list(range(1001)), "items overtook each other between the queue and the overflow"
+    assert link.steps("a") == list(range(1001)), "items overtook each other between the queue, the file and memory"
     assert sink.stats.spooled_ops == 0
+    assert max(link.batch_sizes()) > 2  # the backlog is delivered in merged log_batch calls, not one call per record
+    sink.close()
+    said = [r.getMessage() for r in caplog.records if "overflowed" in r.getMessage()]
+    assert said == [
+        f"trainwatch: the sink queue overflowed {sink.stats.overflowed} times; those records waited behind it, "
+        f"{sink._overflow.spilled} of them in a temporary file (at most {sink._overflow.spilled} at once); none was dropped."
+    ]
+
+
+def test_a_backlog_the_server_has_not_taken_by_the_close_timeout_is_spooled_for_sync(run, make_sink, tmp_path, recwarn):
+    """A server slower than training: close waits `timeout`, then the worker finishes the op it is sending and
+    writes everything left to the spool, instead of going on in a thread the end of the process would kill."""
+    client, run_id = run
+    sink, link = make_sink(queue_size=4)
+    Spool(tmp_path / "spool").write_meta(client._tracking_client.tracking_uri, run_id)  # as the callback does at setup
+    link.gate.clear()
+    sink.submit(metrics(0))
+    assert link.entered.wait(30)  # the worker is in its first send, and stays there
+    for step in range(1, 301):
+        sink.submit(metrics(step))
+    opener = threading.Thread(target=lambda: sink._spool_rest.wait(60) and link.gate.set())  # after close gave up
+    opener.start()
+    sink.close(timeout=0.2)
+    opener.join(60)
+    assert link.steps("a") == [0]  # the op in flight was delivered; nothing was sent after close gave up
+    said = [str(w.message) for w in recwarn if "more slowly than training" in str(w.message)]
+    assert len(said) == 1 and "had not taken 1 operations" in said[0] and f"trainwatch sync {tmp_path / 'spool'}" in said[0]
+    assert steps_of(client, run_id, "a") == [0]
+    assert sync(tmp_path / "spool") == 1  # one merged log_batch of the 300 records' 600 values
+    assert steps_of(client, run_id, "a") == list(range(301))
+    assert not (tmp_path / "spool").exists()
 
 
 def test_flush_timeout_holds_when_the_queue_is_full(make_sink):

@@ -344,7 +344,6 @@ class TrainWatch(pl.Callback):
             binding,
             pl_module.device,
             distance_from_init=self.distance_from_init and trainer.is_global_zero,  # only rank zero measures weights
-            keep_pre_step_buffer=self._n(trainer) == 1,
         )
         if self.distance_from_init and trainer.global_step > 0 and self.sink is not None:
             # the initial weights are not in the checkpoint (a second copy of the model): after a resume,

@@ -15,14 +15,14 @@ from trainwatch.groups import Binding
 from trainwatch.probes import gradients as G
 from trainwatch.probes._scope import untouched
 from trainwatch.probes.activations import ActivationProbe, pool_summaries, saturation_kind
-from trainwatch.probes.initial import InitialWeights
+from trainwatch.probes.weight_copy import WeightCopy
 from trainwatch.record import Packer
 
 
 class Capture:
     """Per-run tensors (group indices, init snapshot) and the measurements of one logged step."""
 
-    def __init__(self, binding: Binding, device: torch.device, distance_from_init: bool, keep_pre_step_buffer: bool = False) -> None:
+    def __init__(self, binding: Binding, device: torch.device, distance_from_init: bool) -> None:
         self.b = binding
         self.device = device
         self.param_index = torch.tensor(binding.param_index, device=device, dtype=torch.long)
@@ -33,12 +33,13 @@ class Capture:
         saturating = sorted({g for g, m in zip(binding.act_index, binding.act_modules, strict=True) if saturation_kind(m)})
         self._sat_groups = torch.tensor(saturating, device=device, dtype=torch.long)
         self._sat_keys = [binding.act_keys[g] for g in saturating]
-        self._init = InitialWeights(binding.params) if distance_from_init and binding.params else None
+        self._init = WeightCopy(binding.params) if distance_from_init and binding.params else None
+        # The weights before a logged optimizer step, for the update ‖Δw‖. On CUDA a transient copy on the device
+        # (the caching allocator hands it memory the forward's activations left); elsewhere a `WeightCopy` in the
+        # page cache, retaken at each logged step: a copy in process memory would raise the peak by the model's
+        # size wherever weights outweigh activations, and a fresh one page-faults (no faster than the file).
         self._before: list[Tensor] | None = None
-        # The pre-step copy is transient (it fits in the memory the forward's activations left), except on the CPU
-        # when every step is logged: there a fresh copy page-faults at every step (see `G.copy_into`).
-        self._keep_buffer = keep_pre_step_buffer and device.type == "cpu"
-        self._scratch: list[Tensor] | None = None
+        self._pre_step: WeightCopy | None = None
         self._weight_norms: Tensor | None = None
         self._grad: G.TensorStats | None = None
 
@@ -62,15 +63,22 @@ class Capture:
         packer.metric("train/grad_norm_total", G.total_norm(stats))
         packer.metric("train/grad_nonfinite_total", stats.nonfinite.sum())
         self._weight_norms = G.norms([p.detach() for p in self.b.params], 2.0)
-        self._before = G.copy_into(self._scratch, self.b.params)
-        if self._keep_buffer:
-            self._scratch = self._before
+        if self.device.type == "cuda":
+            self._before = G.snapshot(self.b.params)
+        elif self._pre_step is None:
+            self._pre_step = WeightCopy(self.b.params)
+        else:
+            self._pre_step.take(self.b.params)
 
     def updates(self, packer: Packer) -> None:
         """After the optimizer step: weight norms, ‖Δw‖/‖w‖ of the step actually taken, distance from init."""
-        if self._before is None or self._weight_norms is None or self._grad is None:
+        if self._weight_norms is None or self._grad is None:
             return
-        update = G.update_norms(self.b.params, self._before)
+        if self._before is not None:
+            update, self._before = G.update_norms(self.b.params, self._before), None
+        else:
+            assert self._pre_step is not None
+            update = self._pre_step.distances(self.b.params)
         n, keys = self.n_param_groups, self.b.param_keys
         weight = G.pooled_norm(self._weight_norms, self.param_index, n)
         packer.metrics("weight_norm", keys, weight)
@@ -78,7 +86,6 @@ class Capture:
         if self._init is not None:
             distance = self._init.distances(self.b.params)
             packer.metrics("weight_dist_init", keys, G.pooled_norm(distance, self.param_index, n))
-        self._before = None
         g = self._grad
         zero_frac = g.zeros / g.numel.clamp_min(1)
         table = torch.stack([g.sq_norm.sqrt(), g.max_abs, g.nonfinite, zero_frac, self._weight_norms, update, g.numel], dim=1)
@@ -86,12 +93,13 @@ class Capture:
         self._grad = None
 
     def close(self) -> None:
-        """Remove the activation hooks and drop the initial weights' copy. Idempotent."""
+        """Remove the activation hooks and drop the weight copies. Idempotent."""
         self.activations.disarm()
-        if self._init is not None:
-            self._init.close()
-            self._init = None
-        self._scratch = self._before = None
+        for copy in (self._init, self._pre_step):
+            if copy is not None:
+                copy.close()
+        self._init = self._pre_step = None
+        self._before = None
 
     def probe_activations(self, model: nn.Module, inputs: object, reduce: Callable[[Tensor], Tensor], packer: Packer | None) -> None:
         """Forward the fixed probe batch in eval mode, leaving the model untouched; summaries are summed

@@ -7,7 +7,6 @@ a spool on disk that is replayed, in order and once, when the server answers aga
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
@@ -26,9 +25,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from trainwatch.ops import MAX_METRICS_PER_BATCH, ArtifactOp, ImageOp, MetricsOp, Op, ParamsOp, TagsOp, batched, npy_bytes, npy_load
+from trainwatch.overflow import IN_MEMORY, Overflow
 
 log = logging.getLogger(__name__)
 _STOP = object()
+# After close's timeout, the worker gets this long to finish the send it is in and spool what is left: a request
+# to a server gives up after HTTP_TIMEOUT_S, tried 1 + HTTP_RETRIES times.
+SPOOL_REST_WITHIN_S = 60.0
 
 # A request to a tracking server gives up after this many seconds and retries: MLflow's defaults (120 s,
 # 7 retries, backoff 2) hold a writer for minutes on a dead server.
@@ -479,9 +482,9 @@ class MlflowSink:
     ) -> None:
         self._deliver_op, self.spool, self._publish = deliver, spool, publish or _ops_as_they_are
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
-        # Items submitted while the queue is full wait here, in order, behind everything queued before them;
-        # deque.append / popleft are atomic, so the training thread parks an item without a lock or I/O.
-        self._overflow: collections.deque = collections.deque()
+        # Items submitted while the queue is full wait here, in order, behind everything queued before them: the
+        # training thread parks an item without a lock or I/O, and all but the newest few wait in a temporary file.
+        self._overflow = Overflow()
         self._retry_after_s = retry_after_s
         # Ops wait up to this long (or until a full log_batch of values is pending) to be written together: MLflow's
         # per-call cost dominates small batches (SQLite: ~12 ms of CPU for one step's 100 values alone, ~5 ms each when
@@ -494,6 +497,7 @@ class MlflowSink:
         self._next_try = 0.0
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._spool_rest = threading.Event()  # set by close when its timeout ran out: send nothing more, spool it
         self.stats = SinkStats()
         self.last_error: str | None = None
 
@@ -504,17 +508,17 @@ class MlflowSink:
             self._thread.start()
 
     def submit(self, item: object) -> None:
-        """Hand an item to the worker; never blocks. A full queue parks the item in memory for the worker,
-        which takes items in submission order; the overflow is reported at close."""
+        """Hand an item to the worker; never blocks. A full queue parks the item for the worker (see `Overflow`),
+        which takes items in submission order; the overflow is reported when it starts and at close."""
         self.stats.submitted += 1
         if not self._enqueue(item):
             self.stats.overflowed += 1
             if self.stats.overflowed == 1:
                 log.warning(
                     "trainwatch: %s takes records more slowly than training makes them: the sink queue (%d records) is "
-                    "full. Later records wait in memory, in order; none is dropped. A larger every_n_steps, or a tracking "
-                    "server closer to this machine, lets it keep up.",
-                    self._describe, self._queue.maxsize,
+                    "full. Later records wait in order, the oldest of them in a temporary file (%d stay in memory); none is "
+                    "dropped. A larger every_n_steps, or a tracking server closer to this machine, lets it keep up.",
+                    self._describe, self._queue.maxsize, IN_MEMORY,
                 )  # fmt: skip
 
     def _enqueue(self, item: object) -> bool:
@@ -526,7 +530,7 @@ class MlflowSink:
                 return True
             except queue.Full:
                 pass
-        self._overflow.append(item)
+        self._overflow.park(item)
         return False
 
     def flush(self, timeout: float | None = None) -> bool:
@@ -547,22 +551,37 @@ class MlflowSink:
         directory if nothing waits in it. Idempotent.
 
         While MLflow is down, close makes one last delivery attempt whatever the retry timer says, so a server
-        that came back shortly before the end gets everything now rather than through `trainwatch sync`."""
+        that came back shortly before the end gets everything now rather than through `trainwatch sync`. A server
+        that answers but has not taken the backlog within `timeout` seconds gets no more: the worker writes the
+        rest to the spool (a process ending after `fit` would lose it with the worker thread)."""
         if self._closed:
             return
         self._closed = True
+        gave_up = False
         if self._thread is not None and self._thread.is_alive():
             self._enqueue(_STOP)
             self._thread.join(timeout)
             if self._thread.is_alive():
-                log.warning("trainwatch: the sink did not finish within %s s; it goes on in the background.", timeout)
+                gave_up = True
+                self._spool_rest.set()
+                self._thread.join(SPOOL_REST_WITHIN_S)
+                if self._thread.is_alive():
+                    log.warning("trainwatch: the sink did not finish within %s s; it goes on in the background.", timeout)
         stopped = self._thread is None or not self._thread.is_alive()
         if stopped:
             getattr(self._deliver_op, "close", lambda: None)()  # a ProcessWriter's child exits
+            self._overflow.close()  # the worker took every parked item
         left = len(self.spool)
         if not left and stopped:
             self.spool.remove_if_delivered()  # nothing waits: no directory left behind per run
-        if left and self._down_since is None and self._held is not None:
+        if left and self._down_since is None and gave_up:
+            warnings.warn(
+                f"trainwatch: {self._describe} took records more slowly than training made them, and {timeout} s after the "
+                f"end of training it had not taken {left} operations; they are kept in {self.spool.directory}. Deliver them "
+                f"with: trainwatch sync {self.spool.directory}",
+                stacklevel=2,
+            )
+        elif left and self._down_since is None and self._held is not None:
             warnings.warn(
                 f"trainwatch: {self._describe} did not store {left} artifacts/images ({self._held}); they are kept in "
                 f"{self.spool.directory}. Deliver them once its artifact store works with: trainwatch sync {self.spool.directory}",
@@ -576,8 +595,10 @@ class MlflowSink:
             )
         if self.stats.overflowed:
             log.warning(
-                "trainwatch: the sink queue overflowed %d times; those records were parked in memory, none dropped.", self.stats.overflowed
-            )
+                "trainwatch: the sink queue overflowed %d times; those records waited behind it, %d of them in a temporary "
+                "file (at most %d at once); none was dropped.",
+                self.stats.overflowed, self._overflow.spilled, self._overflow.most_on_disk,
+            )  # fmt: skip
 
     # --- worker thread ---------------------------------------------------------------------------------
     def _next(self, wait_s: float) -> object | None:
@@ -588,7 +609,7 @@ class MlflowSink:
         except queue.Empty:
             pass
         try:
-            return self._overflow.popleft()
+            return self._overflow.take()
         except IndexError:
             pass
         try:
@@ -602,6 +623,9 @@ class MlflowSink:
         values = 0  # metric values in `pending`
         since: float | None = None  # when the oldest pending op was published
         while True:
+            if self._spool_rest.is_set():
+                self._spool_the_rest(pending)
+                return
             wait = 0.5 if since is None else since + self._deliver_every_s - time.monotonic()
             item = self._next(wait)
             if item is _STOP or isinstance(item, threading.Event):
@@ -622,6 +646,20 @@ class MlflowSink:
                 self._safe_deliver(ops)
             elif item is None and not pending and (self._down_since is not None or self._held is not None):
                 self._safe_deliver([])  # retry the spool while idle
+
+    def _spool_the_rest(self, pending: list[Op]) -> None:
+        """Write `pending` and every item still waiting to the spool, in order, and send nothing more."""
+        ops = list(pending)
+        while (item := self._next(0)) is not None and item is not _STOP:
+            if isinstance(item, threading.Event):
+                item.set()  # a flush waiting on it: its records are spooled
+            else:
+                ops.extend(self._safe_publish(item))
+        ops.extend(self._safe_publish(_FLUSH))
+        try:
+            self.stats.spooled_ops += self.spool.append(batched(ops))
+        except Exception:
+            log.exception("trainwatch: %d operations could be neither delivered nor spooled; they are lost", len(ops))
 
     def _safe_publish(self, item: object) -> list[Op]:
         try:
@@ -648,6 +686,9 @@ class MlflowSink:
             if due:
                 try:
                     self.stats.replayed_ops += self.spool.replay(self._send)
+                except _SpoolRest:
+                    self.stats.spooled_ops += self.spool.append(ops)
+                    return
                 except Exception as error:  # noqa: BLE001
                     self._went_down(error)
                     self.stats.spooled_ops += self.spool.append(ops)
@@ -667,6 +708,9 @@ class MlflowSink:
                 self.stats.delivered_ops += 1
             except ArtifactStoreError:
                 self.stats.spooled_ops += self.spool.append([op])
+            except _SpoolRest:
+                self.stats.spooled_ops += self.spool.append(ops[i:])
+                return
             except Exception as error:  # noqa: BLE001
                 self._went_down(error)
                 self.stats.spooled_ops += self.spool.append(ops[i:])
@@ -674,6 +718,8 @@ class MlflowSink:
 
     def _send(self, op: Op) -> None:
         """Deliver one op; an artifact store that refuses it puts the sink in the holding state (one warning)."""
+        if self._spool_rest.is_set():
+            raise _SpoolRest
         try:
             self._deliver_op(op)
         except ArtifactStoreError as error:
@@ -708,6 +754,10 @@ class MlflowSink:
                 stacklevel=1,
             )
         self._next_try = time.monotonic() + self._retry_after_s
+
+
+class _SpoolRest(Exception):
+    """Raised instead of sending once close has run out of time: the op and the ones after it go to the spool."""
 
 
 class _Flush:

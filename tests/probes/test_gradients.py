@@ -109,15 +109,6 @@ def test_cpu_max_abs_and_nonzero_equal_the_fused_norms_used_on_cuda(dtype):
     assert G.max_abs(ts).dtype == G.count_nonzero(ts).dtype == torch.float32
 
 
-def test_copy_into_reuses_its_buffer():
-    g = torch.Generator().manual_seed(3)
-    p = [torch.nn.Parameter(torch.randn(4, 3, generator=g)), torch.nn.Parameter(torch.randn(5, generator=g))]
-    scratch = G.copy_into(None, p)
-    assert all(s.data_ptr() != q.data_ptr() for s, q in zip(scratch, p, strict=True))
-    assert G.copy_into(scratch, p) is scratch  # reused, not reallocated
-    assert all(torch.equal(s, q.detach()) for s, q in zip(scratch, p, strict=True))
-
-
 def test_float64_tensors_get_float32_statistics():
     """`precision="64-true"` trains in float64: its statistics are computed (in float64) and reported as float32."""
     ts = [t.double() for t in _tensors()] + [torch.randn(3)]

@@ -1,10 +1,13 @@
-"""The weights at initialisation, kept off the training device, for the distance from initialisation ‖w − w₀‖.
+"""Copies of the weights kept off the training device, and the distances of later weights from them.
 
-A copy beside the model would hold one more parameter's worth of memory for the whole run. Next to a GPU the copy
-lives in pinned host memory and comes back in chunks by non-blocking copies (no host sync); next to the CPU (or
-another accelerator) it is an unlinked temporary file, held by the page cache rather than by the process, read
-back chunk by chunk at logged steps. Either way the training device holds one chunk at a time, and only while the
-distances are computed.
+Two copies use it: the initial weights, for the distance from initialisation ‖w − w₀‖ (standing for the whole run),
+and, beside the CPU, the weights before a logged optimizer step, for the update ‖Δw‖ (rewritten at each logged
+step). A copy beside the model would hold one more model's worth of the training process's memory. Next to a GPU
+the copy lives in pinned host memory and comes back in chunks by non-blocking copies (no host sync); next to the
+CPU (or another accelerator) it is an unlinked temporary file, held by the page cache rather than by the process
+(the kernel can write it back and reclaim it under memory pressure, which it cannot do with the process's own
+memory on a machine without swap), read back chunk by chunk. Either way the training device holds one chunk at a
+time, and only while the distances are computed.
 """
 
 from __future__ import annotations
@@ -64,46 +67,65 @@ def _plan(params: Sequence[Tensor], chunk_numel: int, device: torch.device) -> l
     return chunks
 
 
-class InitialWeights:
-    """A copy of `params` as they are now, and per-parameter distances of later weights from it."""
+class WeightCopy:
+    """A copy of `params` off the training device, retaken with `take`, and per-parameter distances of later
+    weights from it."""
 
     def __init__(self, params: Sequence[Tensor], directory: str | None = None, chunk_numel: int = CHUNK_NUMEL) -> None:
         if not params:
-            raise ValueError("InitialWeights needs at least one parameter")
+            raise ValueError("WeightCopy needs at least one parameter")
         self.device = params[0].device
         self._signature = [(p.numel(), p.dtype) for p in params]
         self._chunks = _plan(params, chunk_numel, self.device)
-        flat = [_bytes_of(p.detach().reshape(-1)) for p in params]
+        nbytes = sum(p.numel() * p.dtype.itemsize for p in params)
         if self.device.type == "cuda":
-            self._host = torch.cat([b.cpu() for b in flat]).pin_memory()
+            self._host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
         else:
-            self._file = tempfile.TemporaryFile(dir=directory, prefix="trainwatch-init-")  # unlinked: gone with the process
-            for b in flat:
-                self._file.write(b.numpy())
-            self._file.flush()
+            self._file = tempfile.TemporaryFile(dir=directory, prefix="trainwatch-weights-")  # unlinked: gone with the process
             self._buffer = torch.empty(max((c.nbytes for c in self._chunks), default=0), dtype=torch.uint8)
+        self.take(params)
+
+    def take(self, params: Sequence[Tensor]) -> None:
+        """Overwrite the copy with the current values of `params` (the ones it was built from), in place: no
+        new memory or file. On CUDA non-blocking copies into the pinned buffer, ordered before the optimizer's
+        kernels by the stream."""
+        self._check(params, "take")
+        if self.device.type == "cuda":
+            offset = 0
+            for p in params:
+                raw = _bytes_of(p.detach().reshape(-1))
+                self._host[offset : offset + raw.numel()].copy_(raw, non_blocking=True)
+                offset += raw.numel()
+            return
+        self._file.seek(0)
+        for p in params:
+            self._file.write(_bytes_of(p.detach().reshape(-1)).cpu().numpy())
+        self._file.flush()
 
     def distances(self, params: Sequence[Tensor]) -> Tensor:
-        """Per-parameter ‖w − w₀‖ as a float32 vector on the parameters' device; each chunk costs one read (or one
-        non-blocking host→device copy), one fused subtraction and one fused norm."""
-        if [(p.numel(), p.dtype) for p in params] != self._signature:
-            raise ValueError("InitialWeights.distances needs the parameters it was built from (same sizes and dtypes)")
+        """Per-parameter ‖w − w_copy‖ as a float32 vector on the parameters' device; each chunk costs one read (or
+        one non-blocking host→device copy), one fused subtraction and one fused norm."""
+        self._check(params, "distances")
         flat = [p.detach().reshape(-1) for p in params]
         squares = torch.zeros(len(params), dtype=torch.float64, device=self.device)
         if self.device.type != "cuda":
             self._file.seek(0)
         for chunk in self._chunks:
             raw = self._read(chunk)
-            initial, offset = [], 0
+            copy, offset = [], 0
             for _, _, n in chunk.segments:
-                initial.append(raw[offset : offset + n * chunk.dtype.itemsize].view(chunk.dtype))
+                copy.append(raw[offset : offset + n * chunk.dtype.itemsize].view(chunk.dtype))
                 offset += n * chunk.dtype.itemsize
-            torch._foreach_sub_(initial, [flat[i][start : start + n] for i, start, n in chunk.segments])
-            squares.index_add_(0, chunk.owners, norms(initial, 2.0).double().square())
+            torch._foreach_sub_(copy, [flat[i][start : start + n] for i, start, n in chunk.segments])
+            squares.index_add_(0, chunk.owners, norms(copy, 2.0).double().square())
         return squares.sqrt().float()
 
+    def _check(self, params: Sequence[Tensor], what: str) -> None:
+        if [(p.numel(), p.dtype) for p in params] != self._signature:
+            raise ValueError(f"WeightCopy.{what} needs the parameters it was built from (same sizes and dtypes)")
+
     def _read(self, chunk: _Chunk) -> Tensor:
-        """The chunk's bytes of w₀ on the training device, in a buffer the caller may overwrite."""
+        """The chunk's bytes of the copy on the training device, in a buffer the caller may overwrite."""
         if self.device.type == "cuda":
             part = self._host[chunk.byte_start : chunk.byte_start + chunk.nbytes]
             return torch.empty(chunk.nbytes, dtype=torch.uint8, device=self.device).copy_(part, non_blocking=True)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from trainwatch.probes.initial import InitialWeights
+from trainwatch.probes.weight_copy import WeightCopy
 
 
 def _independent(params: list[torch.Tensor], initial: list[torch.Tensor]) -> torch.Tensor:
@@ -13,7 +13,7 @@ def test_distances_equal_the_norm_of_the_difference_with_the_copy_taken_at_const
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(*shape, generator=g)) for shape in [(5, 3), (11,), (2, 2, 2), (0,)]]
     initial = [p.detach().clone() for p in params]
-    store = InitialWeights(params, chunk_numel=chunk_numel)
+    store = WeightCopy(params, chunk_numel=chunk_numel)
     assert store.distances(params).tolist() == [0.0, 0.0, 0.0, 0.0]
     with torch.no_grad():
         for p in params:
@@ -31,7 +31,7 @@ def test_distances_for_other_dtypes(dtype):
     g = torch.Generator().manual_seed(1)
     params = [torch.randn(300, generator=g).to(dtype), torch.randn(4, 5, generator=g).to(dtype), torch.randn(7, generator=g)]
     initial = [p.clone() for p in params]
-    store = InitialWeights(params, chunk_numel=64)
+    store = WeightCopy(params, chunk_numel=64)
     for p in params:
         p.mul_(1.5)
     expect = torch.stack([torch.linalg.vector_norm((p - w0).float()) for p, w0 in zip(params, initial, strict=True)])
@@ -40,18 +40,43 @@ def test_distances_for_other_dtypes(dtype):
 
 def test_the_copy_is_a_file_not_process_memory_on_the_cpu(tmp_path):
     params = [torch.ones(1000)]
-    store = InitialWeights(params, directory=str(tmp_path))
+    store = WeightCopy(params, directory=str(tmp_path))
     assert store._file.tell() == 4000  # written out; the process keeps no tensor of it
     assert list(tmp_path.iterdir()) == []  # unlinked: nothing to clean up if the process dies
     store.close()
 
 
+def test_take_overwrites_the_copy_in_place_with_the_weights_of_now(tmp_path):
+    """The pre-step copy is retaken at every logged step: the same file, no growth, and the distances measured
+    from the latest take only (the update of that step, not of the steps since construction)."""
+    g = torch.Generator().manual_seed(3)
+    params = [torch.nn.Parameter(torch.randn(*shape, generator=g)) for shape in [(6, 5), (9,)]]
+    store = WeightCopy(params, directory=str(tmp_path), chunk_numel=16)
+    with torch.no_grad():
+        for p in params:
+            p.add_(10.0)  # an earlier step, far away
+    before = [p.detach().clone() for p in params]
+    store.take(params)
+    size = store._file.tell()
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * 1e-3)  # this step's small update
+    torch.testing.assert_close(store.distances(params).double(), _independent(params, before), rtol=1e-6, atol=0)
+    store.take(params)
+    assert store._file.tell() == size == 4 * (30 + 9)  # rewritten over the same bytes
+    assert store.distances(params).tolist() == [0.0, 0.0]
+    assert list(tmp_path.iterdir()) == []
+    store.close()
+
+
 def test_other_parameters_are_refused():
-    store = InitialWeights([torch.zeros(3)])
+    store = WeightCopy([torch.zeros(3)])
     with pytest.raises(ValueError, match="parameters it was built from"):
         store.distances([torch.zeros(4)])
+    with pytest.raises(ValueError, match="parameters it was built from"):
+        store.take([torch.zeros(3, dtype=torch.float64)])
     with pytest.raises(ValueError, match="at least one parameter"):
-        InitialWeights([])
+        WeightCopy([])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -60,9 +85,12 @@ def test_cuda_copy_is_in_pinned_host_memory_and_equals_the_independent_norm():
     params = [torch.randn(1000, generator=g).cuda(), torch.randn(3, 7, generator=g).cuda()]
     initial = [p.clone() for p in params]
     before = torch.cuda.memory_allocated()
-    store = InitialWeights(params, chunk_numel=128)
+    store = WeightCopy(params, chunk_numel=128)
     assert torch.cuda.memory_allocated() == before  # nothing on the device
     assert all(h.is_pinned() for h in store._host)
     for p in params:
         p.add_(0.25)
     torch.testing.assert_close(store.distances(params).double(), _independent(params, initial), rtol=1e-6, atol=0)
+    store.take(params)  # non-blocking copies into the same pinned buffer, ordered by the stream
+    assert torch.cuda.memory_allocated() == before
+    assert store.distances(params).tolist() == [0.0, 0.0]

@@ -1,0 +1,79 @@
+"""The sink's overflow: order kept across memory and the file, markers kept as the same objects, memory bounded."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from trainwatch.ops import ArtifactOp, MetricsOp
+from trainwatch.overflow import Overflow
+from trainwatch.record import Packer, Record
+
+
+def _metrics(step: int) -> MetricsOp:
+    return MetricsOp((("loss", float(step), 0, step),))
+
+
+def test_all_but_the_newest_go_to_the_file_and_come_back_in_order_with_markers_as_the_same_objects():
+    overflow = Overflow(in_memory=3, spill_every_s=3600)  # spilled by hand below, not by the thread
+    marker = threading.Event()
+    packer = Packer(step=7)
+    packer.metrics("grad_norm", ["a", "b"], torch.tensor([1.5, 2.5]))
+    packer.array("table", torch.arange(6.0).reshape(2, 3))
+    items = [_metrics(0), packer.ship(), marker, ArtifactOp("x/y.txt", b"hello"), _metrics(1), _metrics(2), _metrics(3)]
+    for item in items:
+        overflow.park(item)
+    assert overflow.spill() == 4
+    assert overflow.in_memory() == 3 and len(overflow) == 7 and overflow.spilled == 4
+    got = [overflow.take() for _ in range(7)]
+    with pytest.raises(IndexError):
+        overflow.take()
+    assert not overflow and len(overflow) == 0
+    assert got[0] == items[0] and got[3] == items[3] and got[4:] == items[4:]
+    assert got[2] is marker  # a flush marker is the object the sink waits on, not a copy
+    record = got[1]
+    assert isinstance(record, Record) and record.step == 7  # resolved in the spill thread, stored as plain values
+    assert record.metrics == {"grad_norm/a": 1.5, "grad_norm/b": 2.5}
+    np.testing.assert_array_equal(record.arrays["table"], np.arange(6.0).reshape(2, 3))
+    assert overflow._file is not None and overflow._file.seek(0, 2) == 0  # emptied: the file is truncated
+    overflow.close()
+
+
+def test_park_take_and_spill_at_once_keep_the_order_and_bound_memory():
+    """The training thread parks, the spill thread moves and the worker takes, all at the same time: every item
+    comes out once, in order."""
+    overflow = Overflow(in_memory=8, spill_every_s=0.001)
+    n = 5000
+    taken: list[int] = []
+
+    def worker() -> None:
+        rng = random.Random(0)
+        while len(taken) < n:
+            try:
+                taken.append(overflow.take().values[0][3])
+            except IndexError:
+                pass
+            if rng.random() < 0.01:
+                threading.Event().wait(0.002)  # a slow delivery now and then
+
+    consumer = threading.Thread(target=worker)
+    consumer.start()
+    for step in range(n):
+        overflow.park(_metrics(step))
+        if step % 50 == 0:
+            threading.Event().wait(0.003)  # let the spill thread run, as training steps take time
+    consumer.join(120)
+    assert not consumer.is_alive(), "the worker did not get every item"
+    assert taken == list(range(n))
+    assert overflow.spilled > 0  # some went through the file
+    assert not overflow
+    overflow.close()
+
+
+def test_in_memory_must_be_positive():
+    with pytest.raises(ValueError, match="at least 1"):
+        Overflow(in_memory=0)
