@@ -77,17 +77,21 @@ def bench_model(name: str, device: torch.device, repeats: int) -> None:
     step = [torch.full_like(p, 1e-3) for p in params]
     copy = WeightCopy(params)
 
+    @torch.no_grad()
     def filed() -> torch.Tensor:
         copy.take(params)
         torch._foreach_add_(params, step)
         return copy.distances(params)
 
+    @torch.no_grad()
     def fresh() -> torch.Tensor:
         before = G.snapshot(params)
         torch._foreach_add_(params, step)
         return G.update_norms(params, before)
 
-    torch.testing.assert_close(filed(), fresh(), rtol=1e-4, atol=0)
+    # both sides sum squares in float32 (over different chunks): each is within ~5e-4 of a float64 norm on ResNet-18's
+    # 2.4 M-element tensors when every element moves alike, as here
+    torch.testing.assert_close(filed(), fresh(), rtol=2e-3, atol=0)
     compare("update norms", run(filed), run(fresh), repeats)
     copy.close()
     for p, grad in zip(params, grads, strict=True):

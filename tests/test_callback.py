@@ -16,6 +16,7 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+import trainwatch.render
 from tests.models import Classifier, blobs, loaders, mlp, trainer
 from trainwatch import TrainWatch
 from trainwatch.probes.activations import STAT_COLUMNS
@@ -88,7 +89,10 @@ def _module_norm(tensors: dict[str, torch.Tensor], module: str) -> float:
 
 
 @pytest.mark.parametrize("precision", ["32-true", "64-true"])  # "64-true": float64 weights, gradients and probe inputs
-def test_logged_values_equal_independent_computation(store, precision):
+def test_logged_values_equal_independent_computation(store, precision, monkeypatch):
+    drawn: list[str] = []  # figures drawn in this, the training process: none, the writer process draws them
+    draw = trainwatch.render.figure_to_rgb
+    monkeypatch.setattr(trainwatch.render, "figure_to_rgb", lambda fig: drawn.append("here") or draw(fig))
     pl.seed_everything(0)
     data = blobs()
     train, val = loaders(data)
@@ -151,6 +155,7 @@ def test_logged_values_equal_independent_computation(store, precision):
     images = [f.path for f in client.list_artifacts(rid, "images") if "activation_histograms" in f.path and f.path.endswith(".png")]
     assert {int(p.split("+step+")[1].split("+")[0]) for p in images} == {0, 9}, images
     assert Path(client.download_artifacts(rid, images[0])).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert drawn == []
     assert run.data.tags["trainwatch.version"]
     assert "train_loss" in run.data.metrics and "train/lr/opt0_group0" in run.data.metrics
     assert run.info.status == "FINISHED"

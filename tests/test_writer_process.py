@@ -7,6 +7,7 @@ store code left in the training process.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import warnings
@@ -16,9 +17,11 @@ import numpy as np
 import pytest
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
+import trainwatch.render
 from tests.servers import free_port
-from trainwatch.ops import ArtifactOp, ImageOp, MetricsOp, ParamsOp, TagsOp
+from trainwatch.ops import ArtifactOp, ImageOp, MetricsOp, ParamsOp, Render, TagsOp
 from trainwatch.sink import MlflowSink, MlflowWriter, Spool, create_run, open_client, refused
 from trainwatch.writer_process import ProcessWriter
 
@@ -107,6 +110,42 @@ def test_refusals_are_counted_and_logged_in_the_training_process(client, writer,
     refusals = [r for r in caplog.records if "refused" in r.getMessage()]
     assert {r.name for r in refusals} == {"trainwatch.sink"}
     assert any("'acc@1'" in r.getMessage() for r in refusals) and any("'lr'" in r.getMessage() for r in refusals)
+
+
+def _histograms(seed: int) -> Render:
+    rng = np.random.default_rng(seed)
+    labels = [f"b{i}" for i in range(13)]
+    counts = rng.integers(0, 50, size=(6, 3, len(labels))).astype(np.float32)
+    return Render("histogram_evolution", {"steps": list(range(0, 60, 10)), "counts": counts, "names": ["a", "b", "c"], "labels": labels})
+
+
+def test_figures_are_drawn_in_the_child_and_stored_as_drawn(client, writer, monkeypatch, tmp_path, caplog):
+    """matplotlib runs in the child, not beside the training thread; a figure that cannot be drawn is dropped with
+    an error (a refusal), not taken for an outage, and the ops after it are delivered."""
+    run_id = create_run(client, "w", None)
+    expected = _histograms(0)()  # drawn here, before the spy: what the child must store
+    drawn: list[str] = []
+    draw = trainwatch.render.figure_to_rgb  # a spy that calls through
+    monkeypatch.setattr(trainwatch.render, "figure_to_rgb", lambda fig: drawn.append("here") or draw(fig))
+    child = writer(run_id)
+    child(ImageOp("trainwatch/activation_histograms", 50, T0 + 50, _histograms(0)))
+    child(ImageOp("broken", 51, T0 + 51, Render("histogram_evolution", {"steps": [0]})))  # missing arguments
+    child(metrics(52))
+    assert drawn == [] and child.refused == 1
+    assert any("'broken' at step 51 (drawing it failed)" in r.getMessage() for r in caplog.records)
+    assert [m.step for m in client.get_metric_history(run_id, "a")] == [52]
+    pngs = sorted(Path(client.download_artifacts(run_id, "images", str(tmp_path / "dl"))).glob("*.png"))
+    stored = [png for png in pngs if "compressed" not in png.stem and png.stem.startswith("trainwatch~activation")]
+    assert len(stored) == 1
+    np.testing.assert_array_equal(np.asarray(Image.open(stored[0]).convert("RGB")), expected)
+
+
+def test_a_figure_is_drawn_before_it_is_spooled(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.append([ImageOp("trainwatch/activation_histograms", 50, T0 + 50, _histograms(1))])
+    kept = spool._decode(json.loads(spool.index.read_text()))
+    assert isinstance(kept.image, np.ndarray)  # the spool holds pixels: `trainwatch sync` draws nothing
+    np.testing.assert_array_equal(kept.image, _histograms(1)())
 
 
 def test_an_unreachable_server_is_an_outage_named_by_the_child(client, writer, monkeypatch):

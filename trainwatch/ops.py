@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -29,13 +30,33 @@ class ArtifactOp:
 
 
 @dataclass(frozen=True)
+class Render:
+    """A figure to draw where its op is delivered: `trainwatch.render.<function>(**kwargs)` on NumPy data.
+
+    With the default writer process that is the child, so matplotlib (0.2-0.5 s per figure, holding the interpreter
+    lock) never runs beside the training thread; spooling an image draws it first."""
+
+    function: str
+    kwargs: dict[str, Any]
+
+    def __call__(self) -> np.ndarray:
+        from trainwatch import render
+
+        return getattr(render, self.function)(**self.kwargs)
+
+
+@dataclass(frozen=True)
 class ImageOp:
     """An image at a step, shown by the MLflow UI with a step slider."""
 
     key: str
     step: int
     timestamp_ms: int
-    image: np.ndarray  # uint8 [H, W, 3]
+    image: np.ndarray | Render  # uint8 [H, W, 3], or the figure that draws it
+
+    def pixels(self) -> np.ndarray:
+        """The image as uint8 [H, W, 3], drawn now if it is a `Render`."""
+        return self.image() if isinstance(self.image, Render) else self.image
 
 
 @dataclass(frozen=True)

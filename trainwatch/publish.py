@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from trainwatch.diagnose import Diagnosis
-from trainwatch.ops import ArtifactOp, ImageOp, MetricsOp, Op, TagsOp, npz_bytes
+from trainwatch.ops import ArtifactOp, ImageOp, MetricsOp, Op, Render, TagsOp, npz_bytes
 from trainwatch.probes.activations import STAT_COLUMNS, histogram_labels
 from trainwatch.record import PendingRecord, Record
 from trainwatch.sink import is_flush
@@ -39,6 +39,11 @@ def next_parts(existing: dict[str, list[str]]) -> dict[str, int]:
 
 HISTOGRAM_IMAGE_KEY = "trainwatch/activation_histograms"
 CAM_IMAGE_KEY = "trainwatch/cam"
+# Snapshots kept for the histogram-evolution image. Past this many, every other one is dropped and only every
+# other later one is kept (evenly spaced still): a panel is about 420 pixels wide, and a run logging every step
+# for days must not keep every histogram it ever made.
+MAX_HISTORY = 1024
+FILMSTRIP_SNAPSHOTS = 8  # CAM snapshots a filmstrip shows (`render.MAX_SNAPSHOTS`): the older ones are not kept
 
 
 @dataclass
@@ -94,7 +99,8 @@ class Publisher:
         self._act_records = 0
         self._rendered_at = 0  # activation records covered by the last image
         self._history_steps: list[int] = []
-        self._history: list[np.ndarray] = []  # histogram counts per activation record, for the evolution image
+        self._history: list[np.ndarray] = []  # histogram counts (float32) of every `_stride`-th activation record
+        self._stride = 1
         self._cam_inputs: np.ndarray | None = None
         self._cam_targets: np.ndarray | None = None
         self._cam_history: dict[str, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
@@ -160,6 +166,7 @@ class Publisher:
         maps, predicted, confidence = a[f"cam/{method}"], a["cam_predicted"].astype(np.int64), a["cam_confidence"]
         history = self._cam_history.setdefault(method, [])
         history.append((record.step, maps, predicted, confidence))
+        del history[:-FILMSTRIP_SNAPSHOTS]
         data = npz_bytes(
             step=np.int64(record.step), maps=maps, raw_max=a[f"cam_raw_max/{method}"], predicted=predicted, confidence=confidence
         )
@@ -171,20 +178,23 @@ class Publisher:
         return ops
 
     def _cam_image(self, method: str, timestamp_ms: int) -> list[Op]:
-        from trainwatch.render import cam_filmstrip
-
         history = self._cam_history[method]
         if self._cam_inputs is None or self._cam_targets is None:
             return []
         self._cam_drawn[method] = (time.monotonic(), history[-1][0])
-        image = cam_filmstrip(method, self._cam_inputs, self._cam_targets, history)
-        return [ImageOp(f"{CAM_IMAGE_KEY}/{method}", history[-1][0], timestamp_ms, image)]
+        figure = Render(
+            "cam_filmstrip", {"method": method, "inputs": self._cam_inputs, "targets": self._cam_targets, "snapshots": list(history)}
+        )
+        return [ImageOp(f"{CAM_IMAGE_KEY}/{method}", history[-1][0], timestamp_ms, figure)]
 
     def _activation_ops(self, record: Record) -> list[Op]:
         ops: list[Op] = []
         summaries = record.arrays["activations"]
-        self._history_steps.append(record.step)
-        self._history.append(summaries[:, len(STAT_COLUMNS) :])
+        if self._act_records % self._stride == 0:
+            self._history_steps.append(record.step)
+            self._history.append(summaries[:, len(STAT_COLUMNS) :].astype(np.float32))
+            if len(self._history) > MAX_HISTORY:
+                self._history, self._history_steps, self._stride = self._history[::2], self._history_steps[::2], 2 * self._stride
         self._act_records += 1
         if self.acts.add(record.step, summaries):
             ops += self._emit(self.acts, full=True)
@@ -194,11 +204,9 @@ class Publisher:
         return ops
 
     def _image(self, step: int, timestamp_ms: int) -> ImageOp:
-        from trainwatch.render import histogram_evolution
-
         self._rendered_at, self._rendered_time = self._act_records, time.monotonic()
-        rgb = histogram_evolution(self._history_steps, np.stack(self._history), self.act_names, histogram_labels())
-        return ImageOp(HISTOGRAM_IMAGE_KEY, step, timestamp_ms, rgb)
+        data = {"steps": list(self._history_steps), "counts": np.stack(self._history), "names": self.act_names}
+        return ImageOp(HISTOGRAM_IMAGE_KEY, step, timestamp_ms, Render("histogram_evolution", {**data, "labels": histogram_labels()}))
 
     def _emit(self, table: _Table, full: bool) -> list[Op]:
         if table is self.params:

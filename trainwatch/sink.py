@@ -277,7 +277,7 @@ class Spool:
         if isinstance(op, ArtifactOp):
             return {"op": "artifact", "path": op.path, "blob": self._blob(op.data)}
         if isinstance(op, ImageOp):
-            return {"op": "image", "key": op.key, "step": op.step, "ts": op.timestamp_ms, "blob": self._blob(npy_bytes(op.image))}
+            return {"op": "image", "key": op.key, "step": op.step, "ts": op.timestamp_ms, "blob": self._blob(npy_bytes(op.pixels()))}
         if isinstance(op, TagsOp):
             return {"op": "tags", "items": [list(t) for t in op.tags]}
         if isinstance(op, ParamsOp):
@@ -381,7 +381,12 @@ class MlflowWriter:
             directory, _, name = op.path.rpartition("/")
             self._one(f"artifact {op.path!r}", lambda: _log_bytes(c, run, directory, name, op.data), stored=True)
         elif isinstance(op, ImageOp):
-            send = lambda: c.log_image(run, op.image, key=op.key, step=op.step, timestamp=op.timestamp_ms, synchronous=True)
+            try:
+                image = op.pixels()
+            except Exception as error:  # noqa: BLE001 - a figure that cannot be drawn is no outage: drop it, say why
+                self._refuse(f"image {op.key!r} at step {op.step} (drawing it failed)", error)
+                return
+            send = lambda: c.log_image(run, image, key=op.key, step=op.step, timestamp=op.timestamp_ms, synchronous=True)
             self._one(f"image {op.key!r} at step {op.step}", send, stored=True)
         elif isinstance(op, TagsOp):
             self._split("tag", list(op.tags), lambda ts: c.log_batch(run, tags=[RunTag(k, v) for k, v in ts], synchronous=True))

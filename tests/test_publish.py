@@ -1,0 +1,50 @@
+"""Publisher on its own: what it keeps between records is bounded however long the run, and figures are drawn
+where they are delivered (a `Render` in the op), from exactly the data kept."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trainwatch.ops import ImageOp, Render
+from trainwatch.probes.activations import STAT_COLUMNS, histogram_labels
+from trainwatch.publish import FILMSTRIP_SNAPSHOTS, MAX_HISTORY, Publisher
+from trainwatch.record import Record
+from trainwatch.render import MAX_SNAPSHOTS
+from trainwatch.sink import _FLUSH
+
+BINS = len(histogram_labels())
+
+
+def _activations(step: int, modules: int = 3) -> Record:
+    counts = np.full((modules, BINS), float(step))  # each record's counts say which step they came from
+    return Record(step, 0, arrays={"activations": np.concatenate([np.zeros((modules, len(STAT_COLUMNS))), counts], axis=1)})
+
+
+def test_the_histogram_history_stays_bounded_and_evenly_spaced_over_a_long_run():
+    publisher = Publisher([], ["a", "b", "c"], rows_per_part=10**9, render_every=10**9)
+    n = 5 * MAX_HISTORY + 123  # e.g. a run that logs every step for a long time
+    for step in range(n):
+        publisher(_activations(step))
+    images = [op for op in publisher(_FLUSH) if isinstance(op, ImageOp)]
+    assert len(images) == 1 and isinstance(images[0].image, Render)  # drawn by the writer, not here
+    figure = images[0].image.kwargs
+    steps, counts = np.asarray(figure["steps"]), figure["counts"]
+    assert MAX_HISTORY // 2 <= len(steps) <= MAX_HISTORY
+    assert steps[0] == 0 and len(set(np.diff(steps))) == 1  # from the first step, evenly spaced
+    assert n - 1 - steps[-1] < np.diff(steps)[0]  # up to the last kept stride
+    assert counts.dtype == np.float32 and counts.shape == (len(steps), 3, BINS)
+    np.testing.assert_array_equal(counts[:, 1, 5], steps)  # each kept row is that step's histogram
+    assert images[0].pixels().shape[2] == 3  # and the figure draws
+
+
+def test_only_the_snapshots_a_filmstrip_shows_are_kept():
+    assert FILMSTRIP_SNAPSHOTS == MAX_SNAPSHOTS
+    g = np.random.default_rng(0)
+    publisher = Publisher([], [], render_interval_s=3600.0)
+    publisher(Record(0, 0, arrays={"cam_inputs": g.random((2, 1, 8, 8)), "cam_targets": np.array([0.0, 1.0])}))
+    for step in range(0, 300, 10):
+        arrays = {"cam/grad_cam": g.random((2, 8, 8)), "cam_raw_max/grad_cam": np.ones(2)}
+        publisher(Record(step, 0, arrays=arrays | {"cam_predicted": np.array([0.0, 1.0]), "cam_confidence": np.array([0.9, 0.8])}))
+    assert [s for s, *_ in publisher._cam_history["grad_cam"]] == list(range(220, 300, 10))
+    (image,) = [op for op in publisher(_FLUSH) if isinstance(op, ImageOp)]
+    assert [s for s, *_ in image.image.kwargs["snapshots"]] == list(range(220, 300, 10))
