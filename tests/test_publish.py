@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from trainwatch import render
 from trainwatch.ops import ImageOp, Render
 from trainwatch.probes.activations import STAT_COLUMNS, histogram_labels
-from trainwatch.publish import FILMSTRIP_SNAPSHOTS, MAX_HISTORY, Publisher
+from trainwatch.publish import FILMSTRIP_SNAPSHOTS, MAX_HISTORY, MAX_PANELS, Publisher, shown_modules
 from trainwatch.record import Record
 from trainwatch.render import MAX_SNAPSHOTS
 from trainwatch.sink import _FLUSH
@@ -48,3 +49,24 @@ def test_only_the_snapshots_a_filmstrip_shows_are_kept():
     assert [s for s, *_ in publisher._cam_history["grad_cam"]] == list(range(220, 300, 10))
     (image,) = [op for op in publisher(_FLUSH) if isinstance(op, ImageOp)]
     assert [s for s, *_ in image.image.kwargs["snapshots"]] == list(range(220, 300, 10))
+
+
+def test_only_the_modules_the_image_shows_are_kept_and_it_shows_the_same_ones():
+    """A model with many modules: the image shows 12, evenly chosen; the publisher keeps those 12 only, and the
+    figure drawn from them equals the figure drawn from all the modules' counts."""
+    assert MAX_PANELS == render.MAX_PANELS
+    names = [f"m{i}" for i in range(30)]
+    publisher = Publisher([], names, rows_per_part=10**9, render_every=10**9)
+    g = np.random.default_rng(0)
+    full = []
+    for step in range(5):
+        counts = g.integers(0, 100, size=(30, BINS)).astype(np.float64)
+        full.append(counts)
+        publisher(Record(step, 0, arrays={"activations": np.concatenate([np.zeros((30, len(STAT_COLUMNS))), counts], axis=1)}))
+    (image,) = [op for op in publisher(_FLUSH) if isinstance(op, ImageOp)]
+    shown = shown_modules(30)
+    assert len(shown) == 12 and shown[0] == 0 and shown[-1] == 29
+    assert image.image.kwargs["names"] == [names[i] for i in shown]
+    assert image.image.kwargs["counts"].shape == (5, 12, BINS)
+    everything = render.histogram_evolution(list(range(5)), np.stack(full), names, histogram_labels())
+    np.testing.assert_array_equal(image.pixels(), everything)

@@ -44,6 +44,12 @@ CAM_IMAGE_KEY = "trainwatch/cam"
 # for days must not keep every histogram it ever made.
 MAX_HISTORY = 1024
 FILMSTRIP_SNAPSHOTS = 8  # CAM snapshots a filmstrip shows (`render.MAX_SNAPSHOTS`): the older ones are not kept
+MAX_PANELS = 12  # modules the histogram image shows (`render.MAX_PANELS`): only theirs are kept
+
+
+def shown_modules(n: int, most: int = MAX_PANELS) -> list[int]:
+    """Indices of at most `most` of `n` modules, evenly spread, the first and the last included."""
+    return np.unique(np.linspace(0, n - 1, min(n, most)).round().astype(int)).tolist() if n else []
 
 
 @dataclass
@@ -99,7 +105,8 @@ class Publisher:
         self._act_records = 0
         self._rendered_at = 0  # activation records covered by the last image
         self._history_steps: list[int] = []
-        self._history: list[np.ndarray] = []  # histogram counts (float32) of every `_stride`-th activation record
+        self._history: list[np.ndarray] = []  # counts (float32) of the shown modules, every `_stride`-th record
+        self._shown = shown_modules(len(act_names))
         self._stride = 1
         self._cam_inputs: np.ndarray | None = None
         self._cam_targets: np.ndarray | None = None
@@ -192,7 +199,7 @@ class Publisher:
         summaries = record.arrays["activations"]
         if self._act_records % self._stride == 0:
             self._history_steps.append(record.step)
-            self._history.append(summaries[:, len(STAT_COLUMNS) :].astype(np.float32))
+            self._history.append(summaries[self._shown, len(STAT_COLUMNS) :].astype(np.float32))
             if len(self._history) > MAX_HISTORY:
                 self._history, self._history_steps, self._stride = self._history[::2], self._history_steps[::2], 2 * self._stride
         self._act_records += 1
@@ -205,7 +212,8 @@ class Publisher:
 
     def _image(self, step: int, timestamp_ms: int) -> ImageOp:
         self._rendered_at, self._rendered_time = self._act_records, time.monotonic()
-        data = {"steps": list(self._history_steps), "counts": np.stack(self._history), "names": self.act_names}
+        names = [self.act_names[i] for i in self._shown]
+        data = {"steps": list(self._history_steps), "counts": np.stack(self._history), "names": names}
         return ImageOp(HISTOGRAM_IMAGE_KEY, step, timestamp_ms, Render("histogram_evolution", {**data, "labels": histogram_labels()}))
 
     def _emit(self, table: _Table, full: bool) -> list[Op]:
