@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import mlflow
@@ -16,9 +17,9 @@ from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-import trainwatch.render
 from tests.models import Classifier, blobs, loaders, mlp, trainer
 from trainwatch import TrainWatch
+from trainwatch.ops import Render
 from trainwatch.probes.activations import STAT_COLUMNS
 
 pytestmark = pytest.mark.slow
@@ -91,8 +92,8 @@ def _module_norm(tensors: dict[str, torch.Tensor], module: str) -> float:
 @pytest.mark.parametrize("precision", ["32-true", "64-true"])  # "64-true": float64 weights, gradients and probe inputs
 def test_logged_values_equal_independent_computation(store, precision, monkeypatch):
     drawn: list[str] = []  # figures drawn in this, the training process: none, the writer process draws them
-    draw = trainwatch.render.figure_to_rgb
-    monkeypatch.setattr(trainwatch.render, "figure_to_rgb", lambda fig: drawn.append("here") or draw(fig))
+    draw = Render.__call__
+    monkeypatch.setattr(Render, "__call__", lambda figure: drawn.append(figure.function) or draw(figure))
     pl.seed_everything(0)
     data = blobs()
     train, val = loaders(data)
@@ -158,6 +159,27 @@ def test_logged_values_equal_independent_computation(store, precision, monkeypat
     assert drawn == []
     assert run.data.tags["trainwatch.version"]
     assert "train_loss" in run.data.metrics and "train/lr/opt0_group0" in run.data.metrics
+    assert run.info.status == "FINISHED"
+
+
+def test_an_unwritable_temporary_directory_costs_the_distance_from_init_not_the_run(store, tmp_path, monkeypatch, caplog):
+    """The weight copies go to temporary files: if they cannot be written, training goes on, the update ratio is
+    measured from a copy in memory, and two warnings say what is missing and how to fix it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
+    pl.seed_everything(0)
+    train, val = loaders(blobs())
+    rec = Recorder(1, blobs().tensors[0][:8])
+    watch = TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False, landscape_samples=0)
+    trainer(max_steps=4, callbacks=[watch, rec]).fit(Classifier(mlp()), train, val)
+    client, run = _only_run(store)
+    ratios = _history(client, run.info.run_id, "update_ratio/net.0")
+    assert sorted(ratios) == [0, 1, 2, 3]
+    for step, ratio in ratios.items():
+        assert ratio == pytest.approx(_module_norm(rec.update[step], "0") / _module_norm(rec.before[step], "0"), rel=1e-4)
+    assert "weight_dist_init/net.0" not in run.data.metrics
+    said = [r.getMessage() for r in caplog.records if "could not be written to a temporary file" in r.getMessage()]
+    assert len(said) == 2 and all("TMPDIR" in m for m in said)
+    assert "weight_dist_init is not logged" in said[0] and "copied in memory from now on" in said[1]
     assert run.info.status == "FINISHED"
 
 

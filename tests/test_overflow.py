@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 import threading
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import trainwatch.overflow as overflow_module
 from trainwatch.ops import ArtifactOp, MetricsOp
 from trainwatch.overflow import Overflow
 from trainwatch.record import Packer, Record
@@ -77,3 +79,27 @@ def test_park_take_and_spill_at_once_keep_the_order_and_bound_memory():
 def test_in_memory_must_be_positive():
     with pytest.raises(ValueError, match="at least 1"):
         Overflow(in_memory=0)
+
+
+def test_a_backlog_that_never_empties_keeps_a_bounded_file(monkeypatch):
+    """A server that roughly keeps pace: a standing backlog on disk, never empty. The file is compacted as it is
+    read, so it holds about the unread items, not every item ever spilled; the order holds."""
+    monkeypatch.setattr(overflow_module, "COMPACT_BYTES", 4096)
+    overflow = Overflow(in_memory=1, spill_every_s=3600)
+    taken: list[int] = []
+    sizes: list[int] = []
+    step = 0
+    for _ in range(200):
+        for _ in range(25):
+            overflow.park(_metrics(step))
+            step += 1
+        overflow.spill()
+        for _ in range(25):
+            taken.append(overflow.take().values[0][3])
+        sizes.append(overflow._size)
+    while overflow:
+        taken.append(overflow.take().values[0][3])
+    assert taken == list(range(step))
+    frame = len(pickle.dumps(_metrics(0), protocol=pickle.HIGHEST_PROTOCOL))
+    assert max(sizes) < 4096 * 2 + 30 * frame  # without compaction it would reach 5000 frames
+    overflow.close()

@@ -70,3 +70,16 @@ def test_only_the_modules_the_image_shows_are_kept_and_it_shows_the_same_ones():
     assert image.image.kwargs["counts"].shape == (5, 12, BINS)
     everything = render.histogram_evolution(list(range(5)), np.stack(full), names, histogram_labels())
     np.testing.assert_array_equal(image.pixels(), everything)
+
+
+def test_the_flush_draws_no_image_the_last_one_already_showed():
+    """Past the decimation the last records may not enter the history: a flush then has nothing new to draw."""
+    publisher = Publisher([], ["a"], rows_per_part=10**9, render_every=10**9)
+    for step in range(MAX_HISTORY + 1):  # the last one halves the history and the stride becomes 2
+        publisher(_activations(step, modules=1))
+    assert publisher._stride == 2
+    drawn = [op.step for op in publisher(_FLUSH) if isinstance(op, ImageOp)]
+    publisher(_activations(MAX_HISTORY + 1, modules=1))  # an odd record: not kept at stride 2
+    assert drawn == [MAX_HISTORY] and [op for op in publisher(_FLUSH) if isinstance(op, ImageOp)] == []
+    publisher(_activations(MAX_HISTORY + 2, modules=1))
+    assert [op.step for op in publisher(_FLUSH) if isinstance(op, ImageOp)] == [MAX_HISTORY + 2]

@@ -140,12 +140,17 @@ def test_figures_are_drawn_in_the_child_and_stored_as_drawn(client, writer, monk
     np.testing.assert_array_equal(np.asarray(Image.open(stored[0]).convert("RGB")), expected)
 
 
-def test_a_figure_is_drawn_before_it_is_spooled(tmp_path):
+def test_a_figure_is_drawn_before_it_is_spooled_and_one_that_cannot_be_drawn_is_left_out(tmp_path, caplog):
     spool = Spool(tmp_path / "spool")
-    spool.append([ImageOp("trainwatch/activation_histograms", 50, T0 + 50, _histograms(1))])
-    kept = spool._decode(json.loads(spool.index.read_text()))
+    broken = ImageOp("broken", 51, T0 + 51, Render("histogram_evolution", {"steps": [0]}))
+    written = spool.append([metrics(49), ImageOp("trainwatch/activation_histograms", 50, T0 + 50, _histograms(1)), broken, metrics(52)])
+    assert written == 3  # the ops after the broken figure are spooled too
+    entries = [json.loads(line) for line in spool.index.read_text().splitlines()]
+    assert [e["op"] for e in entries] == ["metrics", "image", "metrics"]
+    kept = spool._decode(entries[1])
     assert isinstance(kept.image, np.ndarray)  # the spool holds pixels: `trainwatch sync` draws nothing
     np.testing.assert_array_equal(kept.image, _histograms(1)())
+    assert any("'broken' at step 51 could not be drawn" in r.getMessage() for r in caplog.records)
 
 
 def test_an_unreachable_server_is_an_outage_named_by_the_child(client, writer, monkeypatch):

@@ -6,6 +6,7 @@ Framework-free glue between the probes and a Packer: the Lightning callback deci
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import torch
@@ -17,6 +18,13 @@ from trainwatch.probes._scope import untouched
 from trainwatch.probes.activations import ActivationProbe, pool_summaries, saturation_kind
 from trainwatch.probes.weight_copy import WeightCopy
 from trainwatch.record import Packer
+
+log = logging.getLogger(__name__)
+_TMPDIR_FIX = "Point TMPDIR at a writable disk with room for a copy of the model's weights to avoid it."
+
+
+def _unwritable(error: OSError) -> str:
+    return f"a copy of the weights could not be written to a temporary file ({type(error).__name__}: {error})"
 
 
 class Capture:
@@ -33,13 +41,20 @@ class Capture:
         saturating = sorted({g for g, m in zip(binding.act_index, binding.act_modules, strict=True) if saturation_kind(m)})
         self._sat_groups = torch.tensor(saturating, device=device, dtype=torch.long)
         self._sat_keys = [binding.act_keys[g] for g in saturating]
-        self._init = WeightCopy(binding.params) if distance_from_init and binding.params else None
-        # The weights before a logged optimizer step, for the update ‖Δw‖. On CUDA a transient copy on the device
-        # (the caching allocator hands it memory the forward's activations left); elsewhere a `WeightCopy` in the
-        # page cache, retaken at each logged step: a copy in process memory would raise the peak by the model's
-        # size wherever weights outweigh activations, and a fresh one page-faults (no faster than the file).
+        self._init: WeightCopy | None = None
+        if distance_from_init and binding.params:
+            try:
+                self._init = WeightCopy(binding.params)
+            except OSError as error:  # a full or read-only temporary directory must not stop training
+                log.warning("trainwatch: %s; weight_dist_init is not logged. %s", _unwritable(error), _TMPDIR_FIX)
+        # The weights before a logged optimizer step, for the update ‖Δw‖. On CUDA (and other accelerators) a
+        # transient copy on the device (the caching allocator hands it memory the forward's activations left); on
+        # the CPU a `WeightCopy` in the page cache, retaken at each logged step: a copy in process memory would
+        # raise the peak by the model's size wherever weights outweigh activations, and a fresh one page-faults (no
+        # faster than the file). If the file cannot be written, copies in memory from then on.
         self._before: list[Tensor] | None = None
         self._pre_step: WeightCopy | None = None
+        self._pre_step_in_file = device.type == "cpu"
         self._weight_norms: Tensor | None = None
         self._grad: G.TensorStats | None = None
 
@@ -63,12 +78,25 @@ class Capture:
         packer.metric("train/grad_norm_total", G.total_norm(stats))
         packer.metric("train/grad_nonfinite_total", stats.nonfinite.sum())
         self._weight_norms = G.norms([p.detach() for p in self.b.params], 2.0)
-        if self.device.type == "cuda":
-            self._before = G.snapshot(self.b.params)
-        elif self._pre_step is None:
-            self._pre_step = WeightCopy(self.b.params)
-        else:
-            self._pre_step.take(self.b.params)
+        self._take_pre_step()
+
+    def _take_pre_step(self) -> None:
+        if self._pre_step_in_file:
+            try:
+                if self._pre_step is None:
+                    self._pre_step = WeightCopy(self.b.params)
+                else:
+                    self._pre_step.take(self.b.params)
+                return
+            except OSError as error:
+                log.warning(
+                    "trainwatch: %s; the weights before each logged optimizer step are copied in memory from now on (one "
+                    "more copy of the model during those steps). %s", _unwritable(error), _TMPDIR_FIX,
+                )  # fmt: skip
+                if self._pre_step is not None:
+                    self._pre_step.close()
+                self._pre_step, self._pre_step_in_file = None, False
+        self._before = G.snapshot(self.b.params)
 
     def updates(self, packer: Packer) -> None:
         """After the optimizer step: weight norms, ‖Δw‖/‖w‖ of the step actually taken, distance from init."""

@@ -16,6 +16,7 @@ import collections
 import itertools
 import logging
 import pickle
+import shutil
 import tempfile
 import threading
 from typing import IO, Any
@@ -26,6 +27,7 @@ from trainwatch.record import PendingRecord, Record
 log = logging.getLogger(__name__)
 
 IN_MEMORY = 64  # parked items kept in memory before the spill thread moves the older ones to disk
+COMPACT_BYTES = 8 << 20  # once this much of the file is read and it is at least half the file, the rest moves to a new one
 SPILL_EVERY_S = 0.05  # how often the spill thread looks while anything is parked
 
 
@@ -47,6 +49,7 @@ class Overflow:
         self._lock = threading.Lock()  # the spill thread's move and the worker's take, never the training thread
         self._file: IO[bytes] | None = None
         self._read_at = 0  # file offset of the oldest item on disk
+        self._size = 0  # bytes in the file
         self._on_disk = 0
         self._kept: dict[int, object] = {}
         self._keys = itertools.count()
@@ -87,8 +90,20 @@ class Overflow:
             if not self._on_disk:
                 self._file.seek(0)
                 self._file.truncate()
-                self._read_at = 0
+                self._read_at = self._size = 0
+            elif self._read_at >= COMPACT_BYTES and 2 * self._read_at >= self._size:
+                self._compact()
         return self._kept.pop(item.key) if isinstance(item, _Kept) else item
+
+    def _compact(self) -> None:
+        """Move the unread items to a new file: a backlog that never empties would otherwise keep every item
+        ever spilled on disk. Costs at most as many bytes as were read since the last compaction."""
+        assert self._file is not None
+        fresh = tempfile.TemporaryFile(prefix="trainwatch-backlog-")
+        self._file.seek(self._read_at)
+        shutil.copyfileobj(self._file, fresh)
+        self._file.close()
+        self._file, self._size, self._read_at = fresh, self._size - self._read_at, 0
 
     def close(self) -> None:
         """Stop the spill thread and drop the file (items still in it are gone: call once the worker took them)."""
@@ -122,6 +137,7 @@ class Overflow:
                 self._file.seek(0, 2)
                 self._file.write(frame)
                 self._file.flush()
+                self._size += len(frame)
                 self._parked.popleft()  # only once it is on disk: the deque stays non-empty meanwhile
                 self._on_disk += 1
             moved += 1

@@ -108,6 +108,7 @@ class Publisher:
         self._history: list[np.ndarray] = []  # counts (float32) of the shown modules, every `_stride`-th record
         self._shown = shown_modules(len(act_names))
         self._stride = 1
+        self._drawn_step = -1  # last step of the history the last image showed
         self._cam_inputs: np.ndarray | None = None
         self._cam_targets: np.ndarray | None = None
         self._cam_history: dict[str, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
@@ -212,6 +213,7 @@ class Publisher:
 
     def _image(self, step: int, timestamp_ms: int) -> ImageOp:
         self._rendered_at, self._rendered_time = self._act_records, time.monotonic()
+        self._drawn_step = self._history_steps[-1]
         names = [self.act_names[i] for i in self._shown]
         data = {"steps": list(self._history_steps), "counts": np.stack(self._history), "names": names}
         return ImageOp(HISTOGRAM_IMAGE_KEY, step, timestamp_ms, Render("histogram_evolution", {**data, "labels": histogram_labels()}))
@@ -230,7 +232,7 @@ class Publisher:
         ops = self._emit(self.params, full=False) + self._emit(self.acts, full=False)
         if self.diagnosis is not None:
             ops += self._diagnosis_ops(final=self.final)
-        if self._act_records > self._rendered_at:
+        if self._act_records > self._rendered_at and self._history_steps[-1] != self._drawn_step:
             ops.append(self._image(self._history_steps[-1], int(time.time() * 1000)))
         for method, history in self._cam_history.items():
             if history and self._cam_drawn.get(method, (0.0, -1))[1] != history[-1][0]:

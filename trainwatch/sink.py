@@ -32,6 +32,7 @@ _STOP = object()
 # After close's timeout, the worker gets this long to finish the send it is in and spool what is left: a request
 # to a server gives up after HTTP_TIMEOUT_S, tried 1 + HTTP_RETRIES times.
 SPOOL_REST_WITHIN_S = 60.0
+SPOOL_PART = 1000  # ops written to the spool at a time when the rest of a backlog goes there
 
 # A request to a tracking server gives up after this many seconds and retries: MLflow's defaults (120 s,
 # 7 retries, backoff 2) hold a writer for minutes on a dead server.
@@ -257,8 +258,10 @@ class Spool:
             if f.tell() and not self._ends_with_newline():
                 f.write("\n")  # a line torn by a crash stays one unreadable line instead of swallowing the next
             for op in ops:
-                f.write(json.dumps(self._encode(op)) + "\n")
-                n += 1
+                entry = self._encode(op)
+                if entry is not None:
+                    f.write(json.dumps(entry) + "\n")
+                    n += 1
         return n
 
     def _ends_with_newline(self) -> bool:
@@ -271,13 +274,26 @@ class Spool:
         (self.directory / name).write_bytes(data)
         return name
 
-    def _encode(self, op: Op) -> dict:
+    def _encode(self, op: Op) -> dict | None:
+        """The spool entry of `op`; None for a figure that cannot be drawn (dropped with an error, as delivering
+        it would: the ops after it are spooled)."""
         if isinstance(op, MetricsOp):
             return {"op": "metrics", "values": [list(v) for v in op.values]}
         if isinstance(op, ArtifactOp):
             return {"op": "artifact", "path": op.path, "blob": self._blob(op.data)}
         if isinstance(op, ImageOp):
-            return {"op": "image", "key": op.key, "step": op.step, "ts": op.timestamp_ms, "blob": self._blob(npy_bytes(op.pixels()))}
+            try:
+                pixels = op.pixels()
+            except Exception as error:  # noqa: BLE001
+                log.error(
+                    "trainwatch: image %r at step %d could not be drawn (%s: %s); it is dropped.",
+                    op.key,
+                    op.step,
+                    type(error).__name__,
+                    error,
+                )
+                return None
+            return {"op": "image", "key": op.key, "step": op.step, "ts": op.timestamp_ms, "blob": self._blob(npy_bytes(pixels))}
         if isinstance(op, TagsOp):
             return {"op": "tags", "items": [list(t) for t in op.tags]}
         if isinstance(op, ParamsOp):
@@ -571,7 +587,13 @@ class MlflowSink:
                 self._spool_rest.set()
                 self._thread.join(SPOOL_REST_WITHIN_S)
                 if self._thread.is_alive():
-                    log.warning("trainwatch: the sink did not finish within %s s; it goes on in the background.", timeout)
+                    warnings.warn(
+                        f"trainwatch: the sink was still writing {self._queue.qsize() + len(self._overflow)} records to "
+                        f"{self.spool.directory} {timeout} + {SPOOL_REST_WITHIN_S:.0f} s after the end of training; it goes on in "
+                        f"the background, and what it has not written when this process exits is lost. Deliver the spool with: "
+                        f"trainwatch sync {self.spool.directory}",
+                        stacklevel=2,
+                    )
         stopped = self._thread is None or not self._thread.is_alive()
         if stopped:
             getattr(self._deliver_op, "close", lambda: None)()  # a ProcessWriter's child exits
@@ -653,18 +675,25 @@ class MlflowSink:
                 self._safe_deliver([])  # retry the spool while idle
 
     def _spool_the_rest(self, pending: list[Op]) -> None:
-        """Write `pending` and every item still waiting to the spool, in order, and send nothing more."""
+        """Write `pending` and every item still waiting to the spool, in order, and send nothing more. Written
+        as it goes, so a long backlog comes back from the overflow's file a part at a time."""
         ops = list(pending)
-        while (item := self._next(0)) is not None and item is not _STOP:
-            if isinstance(item, threading.Event):
+        while True:
+            item = self._next(0)
+            if item is None or item is _STOP:
+                ops.extend(self._safe_publish(_FLUSH))
+            elif isinstance(item, threading.Event):
                 item.set()  # a flush waiting on it: its records are spooled
             else:
                 ops.extend(self._safe_publish(item))
-        ops.extend(self._safe_publish(_FLUSH))
-        try:
-            self.stats.spooled_ops += self.spool.append(batched(ops))
-        except Exception:
-            log.exception("trainwatch: %d operations could be neither delivered nor spooled; they are lost", len(ops))
+            if len(ops) >= SPOOL_PART or item is None or item is _STOP:
+                try:
+                    self.stats.spooled_ops += self.spool.append(batched(ops))
+                except Exception:
+                    log.exception("trainwatch: %d operations could be neither delivered nor spooled; they are lost", len(ops))
+                ops = []
+            if item is None or item is _STOP:
+                return
 
     def _safe_publish(self, item: object) -> list[Op]:
         try:

@@ -79,7 +79,7 @@ class WeightCopy:
         self._chunks = _plan(params, chunk_numel, self.device)
         nbytes = sum(p.numel() * p.dtype.itemsize for p in params)
         if self.device.type == "cuda":
-            self._host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+            self._host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # allocated pinned: no pageable twin
         else:
             self._file = tempfile.TemporaryFile(dir=directory, prefix="trainwatch-weights-")  # unlinked: gone with the process
             self._buffer = torch.empty(max((c.nbytes for c in self._chunks), default=0), dtype=torch.uint8)
