@@ -13,7 +13,7 @@ import torch
 import trainwatch.overflow as overflow_module
 from trainwatch.ops import ArtifactOp, MetricsOp
 from trainwatch.overflow import Overflow
-from trainwatch.record import Packer, Record
+from trainwatch.record import Packer, PendingRecord, Record
 
 
 def _metrics(step: int) -> MetricsOp:
@@ -47,32 +47,50 @@ def test_all_but_the_newest_go_to_the_file_and_come_back_in_order_with_markers_a
 
 def test_park_take_and_spill_at_once_keep_the_order_and_bound_memory():
     """The training thread parks, the spill thread moves and the worker takes, all at the same time: every item
-    comes out once, in order."""
+    comes out once, in order, with flush markers as the same objects and device records resolved on the way."""
     overflow = Overflow(in_memory=8, spill_every_s=0.001)
     n = 5000
-    taken: list[int] = []
+    markers = {step: threading.Event() for step in range(0, n, 97)}
+    taken: list[object] = []
 
     def worker() -> None:
         rng = random.Random(0)
         while len(taken) < n:
             try:
-                taken.append(overflow.take().values[0][3])
+                item = overflow.take()
             except IndexError:
-                pass
+                item = None
+            if isinstance(item, MetricsOp):
+                taken.append(item.values[0][3])
+            elif isinstance(item, (Record, PendingRecord)):  # resolved if it went through the file
+                taken.append(item.step)
+            elif item is not None:
+                taken.append(item)  # a marker
             if rng.random() < 0.01:
                 threading.Event().wait(0.002)  # a slow delivery now and then
 
     consumer = threading.Thread(target=worker)
     consumer.start()
+    expected: list[object] = []
     for step in range(n):
-        overflow.park(_metrics(step))
+        if step in markers:
+            overflow.park(markers[step])
+            expected.append(markers[step])
+        elif step % 10 == 3:
+            packer = Packer(step)
+            packer.metric("loss", torch.tensor(float(step)))
+            overflow.park(packer.ship())
+            expected.append(step)
+        else:
+            overflow.park(_metrics(step))
+            expected.append(step)
         if step % 50 == 0:
             threading.Event().wait(0.003)  # let the spill thread run, as training steps take time
     consumer.join(120)
     assert not consumer.is_alive(), "the worker did not get every item"
-    assert taken == list(range(n))
+    assert len(taken) == n and all(a is b if isinstance(b, threading.Event) else a == b for a, b in zip(taken, expected, strict=True))
     assert overflow.spilled > 0  # some went through the file
-    assert not overflow
+    assert not overflow and overflow._kept == {}
     overflow.close()
 
 
