@@ -138,11 +138,11 @@ class Overflow:
                 self._file.write(frame)
                 self._file.flush()
                 self._size += len(frame)
-                self._parked.popleft()  # only once it is on disk: the deque stays non-empty meanwhile
                 self._on_disk += 1
+                self.spilled += 1
+                self.most_on_disk = max(self.most_on_disk, self._on_disk)
+                self._parked.popleft()  # last, once it is on disk and counted: the deque stays non-empty meanwhile
             moved += 1
-            self.spilled += 1
-            self.most_on_disk = max(self.most_on_disk, self._on_disk)
         return moved
 
     def _storable(self, item: Any) -> object:
