@@ -214,9 +214,16 @@ class Publisher:
     def _image(self, step: int, timestamp_ms: int) -> ImageOp:
         self._rendered_at, self._rendered_time = self._act_records, time.monotonic()
         self._drawn_step = self._history_steps[-1]
-        names = [self.act_names[i] for i in self._shown]
-        data = {"steps": list(self._history_steps), "counts": np.stack(self._history), "names": names}
-        return ImageOp(HISTOGRAM_IMAGE_KEY, step, timestamp_ms, Render("histogram_evolution", {**data, "labels": histogram_labels()}))
+        figure = Render(
+            "histogram_evolution",
+            {
+                "steps": list(self._history_steps),
+                "counts": np.stack(self._history),
+                "names": [self.act_names[i] for i in self._shown],
+                "labels": histogram_labels(),
+            },
+        )
+        return ImageOp(HISTOGRAM_IMAGE_KEY, step, timestamp_ms, figure)
 
     def _emit(self, table: _Table, full: bool) -> list[Op]:
         if table is self.params:

@@ -678,22 +678,21 @@ class MlflowSink:
         """Write `pending` and every item still waiting to the spool, in order, and send nothing more. Written
         as it goes, so a long backlog comes back from the overflow's file a part at a time."""
         ops = list(pending)
-        while True:
-            item = self._next(0)
-            if item is None or item is _STOP:
-                ops.extend(self._safe_publish(_FLUSH))
-            elif isinstance(item, threading.Event):
+        while (item := self._next(0)) is not None and item is not _STOP:
+            if isinstance(item, threading.Event):
                 item.set()  # a flush waiting on it: its records are spooled
             else:
                 ops.extend(self._safe_publish(item))
-            if len(ops) >= SPOOL_PART or item is None or item is _STOP:
-                try:
-                    self.stats.spooled_ops += self.spool.append(batched(ops))
-                except Exception:
-                    log.exception("trainwatch: %d operations could be neither delivered nor spooled; they are lost", len(ops))
+            if len(ops) >= SPOOL_PART:
+                self._spool_or_log(ops)
                 ops = []
-            if item is None or item is _STOP:
-                return
+        self._spool_or_log(ops + self._safe_publish(_FLUSH))
+
+    def _spool_or_log(self, ops: list[Op]) -> None:
+        try:
+            self.stats.spooled_ops += self.spool.append(batched(ops))
+        except Exception:
+            log.exception("trainwatch: %d operations could be neither delivered nor spooled; they are lost", len(ops))
 
     def _safe_publish(self, item: object) -> list[Op]:
         try:
