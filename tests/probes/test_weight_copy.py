@@ -46,6 +46,34 @@ def test_the_copy_is_a_file_not_process_memory_on_the_cpu(tmp_path):
     store.close()
 
 
+def _tensor_bytes_left_allocated(work) -> int:
+    """Bytes of CPU tensor memory that `work()` allocated and did not free, from the allocator's own events
+    (the profiler's allocation records): exact, unlike the process's resident size."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        kept = work()
+    nodes, live = list(prof.profiler.kineto_results.experimental_event_tree()), {}
+    while nodes:
+        node = nodes.pop()
+        nodes += node.children
+        fields = node.extra_fields
+        if type(fields).__name__ == "_ExtraFields_Allocation" and fields.device.type == "cpu":
+            live[fields.ptr] = live.get(fields.ptr, 0) + fields.alloc_size  # a free is a negative size
+    del kept
+    return sum(live.values())
+
+
+def test_the_copy_keeps_no_tensor_memory_between_reads_on_the_cpu(tmp_path):
+    """Beside the CPU the copy holds only its file: a read buffer kept between logged steps would be alive at every
+    training step's memory peak (4 MB for a ResNet-18)."""
+    params = [torch.randn(300_000), torch.randn(1000)]
+    held = _tensor_bytes_left_allocated(lambda: WeightCopy(params, directory=str(tmp_path)))
+    assert held < 1024  # a per-chunk index of which parameter each segment belongs to, nothing the size of a chunk
+    store = WeightCopy(params, directory=str(tmp_path))
+    held = _tensor_bytes_left_allocated(lambda: (store.take(params), store.distances(params))[1])
+    assert held == 4 * 2  # the two float32 distances it returned
+    store.close()
+
+
 def test_take_overwrites_the_copy_in_place_with_the_weights_of_now(tmp_path):
     """The pre-step copy is retaken at every logged step: the same file, no growth, and the distances measured
     from the latest take only (the update of that step, not of the steps since construction)."""

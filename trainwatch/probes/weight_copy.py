@@ -82,7 +82,6 @@ class WeightCopy:
             self._host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # allocated pinned: no pageable twin
         else:
             self._file = tempfile.TemporaryFile(dir=directory, prefix="trainwatch-weights-")  # unlinked: gone with the process
-            self._buffer = torch.empty(max((c.nbytes for c in self._chunks), default=0), dtype=torch.uint8)
         self.take(params)
 
     def take(self, params: Sequence[Tensor]) -> None:
@@ -108,10 +107,14 @@ class WeightCopy:
         self._check(params, "distances")
         flat = [p.detach().reshape(-1) for p in params]
         squares = torch.zeros(len(params), dtype=torch.float64, device=self.device)
+        buffer = None
         if self.device.type != "cuda":
             self._file.seek(0)
+            # Allocated per call, not kept: a standing chunk would be one more allocation alive at the training
+            # step's memory peak, every step, for a buffer used only at logged steps.
+            buffer = torch.empty(max(c.nbytes for c in self._chunks), dtype=torch.uint8)
         for chunk in self._chunks:
-            raw = self._read(chunk)
+            raw = self._read(chunk, buffer)
             copy, offset = [], 0
             for _, _, n in chunk.segments:
                 copy.append(raw[offset : offset + n * chunk.dtype.itemsize].view(chunk.dtype))
@@ -124,12 +127,13 @@ class WeightCopy:
         if [(p.numel(), p.dtype) for p in params] != self._signature:
             raise ValueError(f"WeightCopy.{what} needs the parameters it was built from (same sizes and dtypes)")
 
-    def _read(self, chunk: _Chunk) -> Tensor:
-        """The chunk's bytes of the copy on the training device, in a buffer the caller may overwrite."""
-        if self.device.type == "cuda":
+    def _read(self, chunk: _Chunk, buffer: Tensor | None) -> Tensor:
+        """The chunk's bytes of the copy on the training device, in a buffer the caller may overwrite (beside the
+        CPU, read from the file into `buffer`)."""
+        if buffer is None:
             part = self._host[chunk.byte_start : chunk.byte_start + chunk.nbytes]
             return torch.empty(chunk.nbytes, dtype=torch.uint8, device=self.device).copy_(part, non_blocking=True)
-        raw = self._buffer[: chunk.nbytes]
+        raw = buffer[: chunk.nbytes]
         self._file.readinto(raw.numpy())  # the chunks are read in file order
         return raw if self.device.type == "cpu" else raw.to(self.device)  # e.g. Apple's "mps"
 
