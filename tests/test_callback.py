@@ -89,6 +89,53 @@ def _module_norm(tensors: dict[str, torch.Tensor], module: str) -> float:
     return torch.linalg.vector_norm(torch.cat([t.reshape(-1) for n, t in tensors.items() if n.startswith(f"net.{module}.")])).item()
 
 
+class ProbeSizes(pl.Callback):
+    """The batch sizes the model's first layer sees in eval mode once training runs: the probe's forwards."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:  # after TrainWatch's checks at the start, which forward the whole probe batch once
+            first = pl_module.net[0]
+            first.register_forward_pre_hook(lambda m, args: None if m.training else self.sizes.append(args[0].shape[0]))
+
+
+def test_the_probe_batch_is_forwarded_in_parts_no_larger_than_a_training_batch(store):
+    """A probe of 40 inputs beside training batches of 16: three forwards (16, 16, 8) per snapshot, so the probe never
+    holds activations for more samples than a training step, and the parts add up to the whole batch's numbers,
+    dead units included (a unit that fires in any part is alive)."""
+    pl.seed_everything(0)
+    data = blobs()
+    train = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)
+    probe = data.tensors[0][:40].clone()
+    probe[:, 0] = -1.0
+    probe[36, 0] = 1.0  # in the last part
+    sizes, rec = ProbeSizes(), Recorder(2, probe)
+    model = Classifier(mlp())
+    with torch.no_grad():
+        model.net[0].weight[0], model.net[0].bias[0] = 0.0, 0.0
+        model.net[0].weight[0, 0] = 10.0  # tanh unit 0 is the sign of input 0: +1 for probe input 36 only
+        model.net[3].bias[:5] = -50.0  # five ReLU units that never fire
+        model.net[3].weight[5], model.net[3].bias[5] = 0.0, -0.5
+        model.net[3].weight[5, 0] = 1.0  # ReLU unit 5 fires for probe input 36 only
+    watch = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False, probe_batch=probe)
+    trainer(max_steps=4, callbacks=[sizes, watch, rec]).fit(model, train)
+    assert sizes.sizes[:3] == [16, 16, 8] and len(sizes.sizes) == 2 * 3 + 2 * 1  # two snapshots, and rec's whole batches
+    client, run = _only_run(store)
+    hist = _npz(client, run.info.run_id, "trainwatch/histograms/activations/part-00000.npz")
+    assert hist["step"].tolist() == [0, 2]
+    row = list(hist["names"]).index("net.4")
+    col = {c: i for i, c in enumerate(STAT_COLUMNS)}
+    for i, step in enumerate(hist["step"].tolist()):
+        relu = rec.acts[step]["4"]
+        dead = int((relu == 0).all(0).sum())
+        assert 5 <= dead < 16 and (relu[:, 5] > 0).nonzero().flatten().tolist() == [36]
+        values = hist["values"][i, row]
+        assert (values[col["dead"]], values[col["positions"]], values[col["numel"]]) == (dead, 16, 40 * 16)
+        assert values[col["zeros"]] == (relu == 0).sum().item()
+
+
 @pytest.mark.parametrize("precision", ["32-true", "64-true"])  # "64-true": float64 weights, gradients and probe inputs
 def test_logged_values_equal_independent_computation(store, precision, monkeypatch):
     drawn: list[str] = []  # figures drawn in this, the training process: none, the writer process draws them

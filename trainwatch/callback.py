@@ -82,7 +82,8 @@ class TrainWatch(pl.Callback):
             on logged steps; "off" skips activations.
         activations_every_n_steps: cadence of activation snapshots; default `every_n_steps`.
         probe_batch: inputs for the activation probe; default: the first `probe_samples` validation inputs
-            (or training inputs when there is no validation data).
+            (or training inputs when there is no validation data). Forwarded in parts no larger than the fit's
+            first training batch, so the probe never holds activations for more samples than a step does.
         modules: watch only these modules (names or name prefixes from `named_modules()`); default all.
         max_metric_keys: budget of metric keys for the whole run (the MLflow UI slows down with many); the keys
             outside the groups (train/, CAM, system, landscape) are set aside and large models grouped into blocks.
@@ -221,6 +222,7 @@ class TrainWatch(pl.Callback):
         self._client: Any = None
         self._monitor: Any = None
         self._probe_inputs: Tensor | None = None
+        self._probe_part: int | None = None  # samples per probe forward: the first training batch's size
         self._packer: Packer | None = None
         self._due_step: int | None = None  # the logged optimizer step whose record is open
         self._due_at = 0  # global_step at the start of that step's batch, which the cadence is tested on
@@ -548,7 +550,10 @@ class TrainWatch(pl.Callback):
     # --- training hooks ---------------------------------------------------------------------------------
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._throughput.add_samples(dynamics.batch_size(batch))
+        samples = dynamics.batch_size(batch)
+        self._throughput.add_samples(samples)
+        if self._probe_part is None and samples:
+            self._probe_part = samples
         self._batch_at = trainer.global_step
         first_micro_batch = batch_idx % trainer.accumulate_grad_batches == 0
         if self.activations == "live" and first_micro_batch and self._act_due(trainer, trainer.global_step):
@@ -618,7 +623,7 @@ class TrainWatch(pl.Callback):
         if self._act_due(trainer, at):
             reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")
             if self.activations == "probe":
-                capture.probe_activations(pl_module, self._probe_inputs, reduce, packer)
+                capture.probe_activations(pl_module, self._probe_inputs, reduce, packer, self._probe_part)
             elif self._live_at == at:  # the batch's one training forward goes with its first optimizer step
                 self._live_at = None
                 capture.pack_activations(reduce(capture.activations.collect(pl_module.device)), packer)

@@ -129,15 +129,22 @@ class Capture:
         self._init = self._pre_step = None
         self._before = None
 
-    def probe_activations(self, model: nn.Module, inputs: object, reduce: Callable[[Tensor], Tensor], packer: Packer | None) -> None:
+    def probe_activations(
+        self, model: nn.Module, inputs: Tensor, reduce: Callable[[Tensor], Tensor], packer: Packer | None, part: int | None = None
+    ) -> None:
         """Forward the fixed probe batch in eval mode, leaving the model untouched; summaries are summed
-        over ranks with `reduce` (a collective every rank must call)."""
+        over ranks with `reduce` (a collective every rank must call).
+
+        `part`: samples per forward (the training batch size), so that the probe never holds a layer's activations
+        for more samples than a training step does: a probe larger than the batch a GPU was filled with would
+        otherwise run out of memory. The parts add up to the summaries of the whole batch, dead units included."""
         with untouched(model):
-            self.activations.arm()
-            try:
-                model(inputs)
-            finally:
-                self.activations.disarm()
+            for chunk in inputs.split(part) if part else [inputs]:
+                self.activations.arm()
+                try:
+                    model(chunk)
+                finally:
+                    self.activations.disarm()
         self.pack_activations(reduce(self.activations.collect(self.device)), packer)
 
     def pack_activations(self, summaries: Tensor, packer: Packer | None) -> None:

@@ -150,3 +150,95 @@ def test_probe_hooks_fire_and_are_removed():
     assert out[0, 0].item() == 20 and out[1, 4].item() == (net[1](net[0](x)) == 0).sum().item()
     assert A.first_tensor((torch.ones(2), torch.zeros(1))) is not None
     assert A.first_tensor(torch.ones(2, dtype=torch.long)) is None
+
+
+def _independent_summary(x: torch.Tensor) -> dict[str, float]:
+    finite = x[torch.isfinite(x)].double()
+    return {
+        "numel": x.numel(),
+        "finite": finite.numel(),
+        "sum": finite.sum().item(),
+        "sumsq": finite.square().sum().item(),
+        "zeros": (x == 0).sum().item(),
+        "nonfinite": (~torch.isfinite(x)).sum().item(),
+        "dead": (x == 0).all(0).sum().item(),
+        "positions": x[0].numel(),
+    }
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 60, 1 << 18])  # below one sample, a few samples, uneven, all at once
+def test_a_summary_taken_in_parts_equals_the_independent_one(monkeypatch, chunk):
+    """Large activations are summarised a run of samples at a time (bounded temporaries): the parts must add up
+    to exactly the summary of the whole, dead units (zero for every sample of every part) included."""
+    monkeypatch.setattr(A, "SUMMARY_CHUNK_NUMEL", chunk)
+    g = torch.Generator().manual_seed(5)
+    x = torch.relu(torch.randn(13, 4, 5, generator=g))
+    x[:, 1] = 0  # a dead channel
+    x[12, 1, 3] = 1.0  # ... except one position, alive only in the last sample (the last part)
+    x[3, 2, 2], x[9, 0, 0] = float("nan"), float("inf")
+    got = dict(zip(A.STAT_COLUMNS, A.activation_summary(x).tolist(), strict=False))
+    expect = _independent_summary(x)
+    assert {k: got[k] for k in ("numel", "finite", "zeros", "nonfinite", "dead", "positions")} == {
+        k: expect[k] for k in ("numel", "finite", "zeros", "nonfinite", "dead", "positions")
+    }
+    assert expect["dead"] == 4  # channel 1 but its last-sample position
+    assert got["sum"] == pytest.approx(expect["sum"], rel=1e-6) and got["sumsq"] == pytest.approx(expect["sumsq"], rel=1e-6)
+    np.testing.assert_array_equal(A.activation_summary(x)[len(A.STAT_COLUMNS) :].numpy(), A.histogram_counts(x).numpy())
+    flat = torch.randn(301, generator=g)  # an unbatched activation in parts
+    assert A.activation_summary(flat)[: len(A.STAT_COLUMNS)].tolist()[0] == 301
+    np.testing.assert_array_equal(A.activation_summary(flat)[len(A.STAT_COLUMNS) :].numpy(), A.histogram_counts(flat).numpy())
+
+
+def _peak_tensor_bytes(work) -> int:
+    """Peak CPU tensor memory that `work()` allocated above what was allocated when it started, from the allocator's
+    events (exact, unlike the process's resident size)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        work()
+    nodes, events = list(prof.profiler.kineto_results.experimental_event_tree()), []
+    while nodes:
+        node = nodes.pop()
+        nodes += node.children
+        if type(node.extra_fields).__name__ == "_ExtraFields_Allocation":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+    now = peak = 0
+    for _, size in sorted(events):
+        now += size
+        peak = max(peak, now)
+    return peak
+
+
+def test_a_large_activation_is_summarised_in_bounded_memory():
+    """A probe's largest activation (here 64 MB) must not need twice its size again in temporaries: on a GPU that
+    can be the difference between a probe and an out-of-memory error."""
+    x = torch.relu(torch.randn(64, 64, 64, 64))
+    peak = _peak_tensor_bytes(lambda: A.activation_summary(x))
+    assert peak < 4 * A.SUMMARY_CHUNK_NUMEL * 4  # a few chunk-sized int32 temporaries, not activation-sized ones
+    assert peak > 0
+
+
+def test_dead_units_of_a_probe_forwarded_in_parts_are_those_of_the_whole_batch():
+    """Forwarding the probe batch in micro-batches must not turn a unit that fires in one of them into a dead one,
+    and must keep the two firings of a reused module apart."""
+    relu = nn.ReLU()
+    a, b = nn.Linear(3, 6), nn.Linear(6, 6)
+    x = torch.randn(10, 3, generator=torch.Generator().manual_seed(6)).clamp(-0.4, 0.4)
+    x[8, 0] = 1.0  # unit 2 of the first output fires for this sample only: in the last micro-batch
+    with torch.no_grad():
+        a.bias[:2], b.bias[:1] = -100.0, -100.0  # never fire
+        a.weight[2], a.bias[2] = torch.tensor([1.0, 0.0, 0.0]), -0.5
+        expect = sum(int((out == 0).all(0).sum()) for out in (relu(a(x)), relu(b(relu(a(x))))))
+        assert relu(a(x))[:, 2].nonzero().flatten().tolist() == [8]  # alive, in the last micro-batch only
+    whole, parts = A.ActivationProbe([("relu", relu)]), A.ActivationProbe([("relu", relu)])
+    with torch.no_grad():
+        for probe, batches in ((whole, [x]), (parts, list(x.split(3)))):
+            for batch in batches:
+                probe.arm()  # a pass: firings are matched by their order within it
+                relu(b(relu(a(batch))))
+                probe.disarm()
+    row_whole = dict(zip(A.STAT_COLUMNS, whole.collect(torch.device("cpu"))[0].tolist(), strict=False))
+    row_parts = dict(zip(A.STAT_COLUMNS, parts.collect(torch.device("cpu"))[0].tolist(), strict=False))
+    assert expect >= 3  # units 0, 1 of the first output and unit 0 of the second at least
+    assert row_whole["dead"] == row_parts["dead"] == expect
+    assert row_whole["positions"] == row_parts["positions"] == 6 + 6
+    assert row_whole["numel"] == row_parts["numel"] == 10 * 12
+    assert row_parts["sum"] == pytest.approx(row_whole["sum"], rel=1e-6)

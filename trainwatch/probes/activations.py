@@ -102,12 +102,14 @@ def _cell_tables(edges: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
         n_edges, half = len(edges), _CELLS // 2
         e32 = edges.to(torch.float32)
         e32 = torch.where(e32.double() > edges.double(), torch.nextafter(e32, torch.zeros_like(e32)), e32)
-        edge_bits = e32.view(torch.int32).long()[None, :]
-        low = torch.arange(half, dtype=torch.long)[:, None] << _CELL_SHIFT
-        inside = (edge_bits >= low) & (edge_bits < low + (1 << _CELL_SHIFT))
+        edge_bits = e32.view(torch.int32).long()  # ascending, at most one per cell (cells are 6 % wide, edges 78 %)
+        low = torch.arange(half, dtype=torch.long) << _CELL_SHIFT
+        below = torch.searchsorted(edge_bits, low)  # edges below the cell; the next one may lie inside it
+        candidate = edge_bits[below.clamp(max=n_edges - 1)]
         never = (1 << 31) - 1
-        edge_in = torch.where(inside.any(1), (edge_bits * inside).amax(1), never)  # magnitude bits of the edge
-        base = 1 + (edge_bits < low).sum(1)  # k of the cell's lowest magnitude
+        inside = (below < n_edges) & (candidate < low + (1 << _CELL_SHIFT))
+        edge_in = torch.where(inside, candidate, never)  # magnitude bits of the edge
+        base = 1 + below  # k of the cell's lowest magnitude
         base[0], edge_in[0] = 0, 0  # the zero cell: ±0 is k=0; subnormals (bits above it) are magnitude bin 0
         inf_cell = 0x7F800000 >> _CELL_SHIFT
         base[inf_cell], edge_in[inf_cell] = n_edges + 2, 0x7F800000  # Inf; NaN bits lie above it
@@ -133,6 +135,9 @@ def saturation_mask(x: Tensor, kind: str) -> Tensor:
     raise ValueError(f"saturation kind must be 'tanh' or 'sigmoid', got {kind!r}")
 
 
+SUMMARY_CHUNK_NUMEL = 1 << 18  # elements per pass of a summary: its int32 temporaries stay near 2.5 MB
+
+
 def activation_summary(x: Tensor, kind: str | None = None, edges: Tensor = EDGES) -> Tensor:
     """One float64 vector: STAT_COLUMNS then the histogram counts. Counts add across batches and ranks.
 
@@ -140,37 +145,59 @@ def activation_summary(x: Tensor, kind: str | None = None, edges: Tensor = EDGES
     a unit that never fires on the probe batch. Sums are float32 reductions (pairwise, ~1e-6 relative) kept
     as float64; the zero, NaN and Inf counts come from the histogram rather than from extra passes.
     """
+    return summary_and_fired(x, kind, edges)[0]
+
+
+def summary_and_fired(x: Tensor, kind: str | None = None, edges: Tensor = EDGES) -> tuple[Tensor, Tensor | None]:
+    """`activation_summary`, and for a batch (2+ dims) the per-position mask of units that fired (non-zero, or
+    NaN, for some sample): masks of several batches of the same activation OR together, so that the dead units of
+    a probe forwarded in parts are those of the whole probe (`with_units` counts them).
+
+    The tensor is summarised a run of samples at a time, at most `SUMMARY_CHUNK_NUMEL` elements each, so the
+    temporaries (about 2.25 bytes per byte of activation) stay small whatever the activation's size."""
     x32 = x.detach().to(torch.float32)
     f64 = torch.float64
-    const = lambda v: torch.full((), float(v), dtype=f64, device=x.device)  # a fill kernel, not a copy
-    bits = x32.view(torch.int32)
-    counts = _histogram_from_bits(bits.reshape(-1), edges)
-    zeros, nonfinite = counts[len(edges) + 1], counts[num_bins(edges) - 3 :].sum()
-    # On the CPU reading a count costs no sync: a clean tensor (the usual case) skips the NaN/Inf-free copy.
-    clean = x32 if x32.device.type == "cpu" and not nonfinite.item() else torch.nan_to_num(x32, nan=0.0, posinf=0.0, neginf=0.0)
-    if x32.dim() >= 2:
-        positions = x32[0].numel()
-        magnitude_bits = bits.reshape(x32.shape[0], -1) & 0x7FFFFFFF  # ordered like |x|; NaN above every number
-        dead = (magnitude_bits.amax(0) == 0).sum().to(f64)  # NaN counts as firing
+    batched = x32.dim() >= 2 and x32.shape[0] > 0
+    if x32.numel() <= SUMMARY_CHUNK_NUMEL:
+        parts: Sequence[Tensor] = [x32]
     else:
-        positions, dead = x32.numel(), zeros
+        parts = x32.split(max(1, SUMMARY_CHUNK_NUMEL // max(1, x32[0].numel()))) if batched else x32.reshape(-1).split(SUMMARY_CHUNK_NUMEL)
+    acc: list[Tensor] = []  # counts, non-finite count, sum, sum of squares[, saturated], added over the parts
+    fired = None
+    for part in parts:
+        bits = part.view(torch.int32)
+        counts = _histogram_from_bits(bits.reshape(-1), edges)
+        nonfinite = counts[num_bins(edges) - 3 :].sum()
+        # On the CPU reading a count costs no sync: a clean part (the usual case) skips the NaN/Inf-free copy.
+        dirty = part.device.type != "cpu" or bool(nonfinite)
+        clean = torch.nan_to_num(part, nan=0.0, posinf=0.0, neginf=0.0) if dirty else part
+        values = [counts, nonfinite, clean.sum().to(f64), torch.linalg.vector_norm(clean).to(f64).square()]
+        if kind is not None:
+            values.append(saturation_mask(part, kind).sum().to(f64))
+        acc = values if not acc else [a + v for a, v in zip(acc, values, strict=True)]
+        if batched:
+            part_fired = (bits & 0x7FFFFFFF).amax(0) != 0  # magnitude bits, ordered like |x|: a NaN fires too
+            fired = part_fired if fired is None else fired.logical_or_(part_fired)
+    counts, nonfinite, total, squares = acc[:4]
+    zeros = counts[len(edges) + 1]
     n = x32.numel()
-    saturated = saturation_mask(x32, kind).sum().to(f64) if kind is not None else const(0)
-    stats = torch.stack(
-        [
-            const(n),
-            const(n) - nonfinite,
-            clean.sum().to(f64),
-            torch.linalg.vector_norm(clean).to(f64).square(),
-            zeros,
-            const(n if kind is not None else 0),
-            saturated,
-            nonfinite,
-            dead,
-            const(positions),
-        ]
-    )
-    return torch.cat([stats, counts])
+    const = lambda v: torch.full((), float(v), dtype=f64, device=x.device)  # a fill kernel, not a copy
+    dead, positions = (fired.numel() - fired.sum().to(f64), const(fired.numel())) if fired is not None else (zeros, const(n))
+    sat_numel, saturated = (const(n), acc[4]) if kind is not None else (const(0), const(0))
+    stats = torch.stack([const(n), const(n) - nonfinite, total, squares, zeros, sat_numel, saturated, nonfinite, dead, positions])
+    return torch.cat([stats, counts]), fired
+
+
+_DEAD, _POSITIONS = STAT_COLUMNS.index("dead"), STAT_COLUMNS.index("positions")
+
+
+def with_units(summary: Tensor, fired: Sequence[Tensor]) -> Tensor:
+    """`summary` with its unit columns recounted from fired-masks: their positions, and those that never fired as
+    dead (the summaries of several passes add their dead units pass by pass; the masks say which fired in any)."""
+    out = summary.clone()
+    out[_POSITIONS] = sum(mask.numel() for mask in fired)
+    out[_DEAD] = sum(mask.numel() - mask.sum().to(summary.dtype) for mask in fired)
+    return out
 
 
 def pool_summaries(summaries: Tensor, group_index: Tensor, num_groups: int) -> dict[str, Tensor]:
@@ -212,7 +239,9 @@ def saturation_kind(module: nn.Module) -> str | None:
 class ActivationProbe:
     """Forward hooks on a fixed list of modules; each firing adds the module's summary to a buffer.
 
-    Hooks are registered by `arm()` and removed by `disarm()`; summaries accumulate across micro-batches.
+    `arm()` starts a pass (one forward) and registers the hooks, `disarm()` removes them. Summaries add over the
+    passes until `collect`; so do fired units, matched by the order of a module's firings within a pass, so that a
+    probe batch forwarded in parts counts the dead units of the whole batch.
     """
 
     def __init__(self, modules: Sequence[tuple[str, nn.Module]]) -> None:
@@ -221,6 +250,9 @@ class ActivationProbe:
         self._kinds = [saturation_kind(m) for m in self._modules]
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._buffer: list[Tensor | None] = [None] * len(self._modules)
+        self._fired: list[dict[tuple, Tensor]] = [{} for _ in self._modules]  # (firing in the pass, shape) -> mask
+        self._firings = [0] * len(self._modules)
+        self._passes = 0
 
     @property
     def armed(self) -> bool:
@@ -229,6 +261,8 @@ class ActivationProbe:
     def arm(self) -> None:
         if self.armed:
             return
+        self._firings = [0] * len(self._modules)
+        self._passes += 1
         for i, module in enumerate(self._modules):
             self._handles.append(module.register_forward_hook(self._hook(i)))
 
@@ -243,18 +277,30 @@ class ActivationProbe:
             if x is None:
                 return
             with torch.no_grad():
-                summary = activation_summary(x, self._kinds[i])
+                summary, fired = summary_and_fired(x, self._kinds[i])
             prev = self._buffer[i]
             # A module that fires several times in one forward (one ReLU instance reused after several convs, a
             # cell in a loop) sees a different activation each time: every column adds, dead units and positions
             # too, so dead / positions is the dead fraction over all of its outputs.
             self._buffer[i] = summary if prev is None else prev + summary
+            if fired is not None:
+                key = (self._firings[i], tuple(fired.shape))
+                seen = self._fired[i].get(key)
+                self._fired[i][key] = fired if seen is None else seen.logical_or_(fired)
+            self._firings[i] += 1
 
         return hook
 
     def collect(self, device: torch.device) -> Tensor:
         """Summaries [M, K] of everything seen since the last collect (zeros for modules that did not fire)."""
         width = len(STAT_COLUMNS) + num_bins()
-        rows = [b if b is not None else torch.zeros(width, dtype=torch.float64, device=device) for b in self._buffer]
+        rows = []
+        for buffer, fired in zip(self._buffer, self._fired, strict=True):
+            row = buffer if buffer is not None else torch.zeros(width, dtype=torch.float64, device=device)
+            if self._passes > 1 and fired:  # one pass: its summaries already count its units
+                row = with_units(row, list(fired.values()))
+            rows.append(row.to(device))
         self._buffer = [None] * len(self._modules)
-        return torch.stack([r.to(device) for r in rows])
+        self._fired = [{} for _ in self._modules]
+        self._passes = 0
+        return torch.stack(rows)
