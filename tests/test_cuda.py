@@ -85,3 +85,29 @@ def test_gradients_are_logged_unscaled_under_fp16_amp(store):
     assert sorted(logged) == sorted(seen.norm) == list(range(6))
     assert all(seen.scale[s] > 1 for s in logged)  # the loss really was scaled, so a scaled norm would differ
     assert logged == pytest.approx(seen.norm, rel=1e-4)
+
+
+def test_the_probe_batch_waits_in_pinned_host_memory_and_its_numbers_match_the_cpu(store):
+    """Beside a GPU the probe batch stays on the host (pinned) and only a part at a time is copied over: the logged
+    activation numbers must equal those of the same training on the CPU."""
+    from mlflow.tracking import MlflowClient
+
+    def run(accelerator, experiment):
+        pl.seed_everything(0)
+        train, val = loaders(images(n=64), batch_size=8)  # probe of 64 validation inputs: eight parts of 8
+        watch = TrainWatch(every_n_steps=2, tracking_uri=store, experiment_name=experiment, system_metrics=False)
+        trainer(max_steps=4, accelerator=accelerator, callbacks=[watch]).fit(Classifier(cnn()), train, val)
+        return watch
+
+    on_gpu = run("cuda", "gpu")
+    assert on_gpu._probe_inputs.device.type == "cpu" and on_gpu._probe_inputs.is_pinned()
+    run("cpu", "cpu")
+    client = MlflowClient(store)
+
+    def zero_frac(experiment):
+        (r,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        return {m.step: m.value for m in client.get_metric_history(r.info.run_id, "act_zero_frac/net.2")}
+
+    gpu, cpu = zero_frac("gpu"), zero_frac("cpu")
+    assert sorted(gpu) == sorted(cpu) == [0, 2]
+    assert gpu == pytest.approx(cpu, abs=0.02)  # the same training on another device: close, not bit-equal

@@ -60,6 +60,13 @@ SYSTEM_KEYS, SYSTEM_KEYS_PER_GPU = 8, 6  # MLflow's system-metrics monitor: CPU,
 LANDSCAPE_KEYS = 5  # landscape/<name>/...: centre loss, sharpness, three curvatures
 
 
+def _probe_home(inputs: Tensor, device: torch.device) -> Tensor:
+    """Where the probe batch waits between snapshots: beside a GPU in pinned host memory, each part copied over
+    (non-blocking) only while it is forwarded, so the device holds one part, not the whole batch, for the run;
+    elsewhere on the device itself."""
+    return inputs.cpu().pin_memory() if device.type == "cuda" else inputs.to(device)
+
+
 def _like_module(module: nn.Module, inputs: Tensor) -> Tensor:
     """Floating-point inputs in the module's dtype as it is during `setup`, for the dry runs there: Lightning converts
     the module (`precision="64-true"`, `"bf16-true"`) only afterwards, and so its batches."""
@@ -369,7 +376,7 @@ class TrainWatch(pl.Callback):
                     self._probe_inputs = inputs
             except ValueError as error:
                 raise MisconfigurationException(str(error)) from error
-            self._probe_inputs = self._probe_inputs.to(pl_module.device)
+            self._probe_inputs = _probe_home(self._probe_inputs, pl_module.device)
         if self._cam_on and trainer.is_global_zero:
             try:
                 self._cam = self._build_cam(trainer, pl_module).to(pl_module.device)
@@ -379,7 +386,7 @@ class TrainWatch(pl.Callback):
         if trainer.is_global_zero:
             self._export_eval_data(trainer)
             if self.sink is not None:
-                sample = self._probe_inputs[:2] if self._probe_inputs is not None else None
+                sample = self._probe_inputs[:2].to(pl_module.device) if self._probe_inputs is not None else None
                 self.sink.submit(ArtifactOp(ARCHITECTURE, export.architecture(pl_module, sample)))
             if self.trajectory_every_n_epochs and trainer.current_epoch == 0:
                 self._snapshot_trajectory(pl_module, 0)

@@ -142,7 +142,7 @@ class Capture:
             for chunk in inputs.split(part) if part else [inputs]:
                 self.activations.arm()
                 try:
-                    model(chunk)
+                    model(chunk.to(self.device, non_blocking=True))  # pinned beside a GPU: no host sync
                 finally:
                     self.activations.disarm()
         self.pack_activations(reduce(self.activations.collect(self.device)), packer)
