@@ -102,7 +102,7 @@ class ProbeSizes(pl.Callback):
 
 
 def test_the_probe_batch_is_forwarded_in_parts_no_larger_than_a_training_batch(store):
-    """A probe of 40 inputs beside training batches of 16: three forwards (16, 16, 8) per snapshot, so the probe never
+    """A probe of 40 inputs beside training batches of 16: three balanced forwards (14, 13, 13) per snapshot, so the probe never
     holds activations for more samples than a training step, and the parts add up to the whole batch's numbers,
     dead units included (a unit that fires in any part is alive)."""
     pl.seed_everything(0)
@@ -110,7 +110,7 @@ def test_the_probe_batch_is_forwarded_in_parts_no_larger_than_a_training_batch(s
     train = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)
     probe = data.tensors[0][:40].clone()
     probe[:, 0] = -1.0
-    probe[36, 0] = 1.0  # in the last part
+    probe[36, 0] = 1.0  # in the last part (27..39)
     sizes, rec = ProbeSizes(), Recorder(2, probe)
     model = Classifier(mlp())
     with torch.no_grad():
@@ -121,7 +121,7 @@ def test_the_probe_batch_is_forwarded_in_parts_no_larger_than_a_training_batch(s
         model.net[3].weight[5, 0] = 1.0  # ReLU unit 5 fires for probe input 36 only
     watch = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False, probe_batch=probe)
     trainer(max_steps=4, callbacks=[sizes, watch, rec]).fit(model, train)
-    assert sizes.sizes[:3] == [16, 16, 8] and len(sizes.sizes) == 2 * 3 + 2 * 1  # two snapshots, and rec's whole batches
+    assert sizes.sizes[:3] == [14, 13, 13] and len(sizes.sizes) == 2 * 3 + 2 * 1  # two snapshots, and rec's whole batches
     client, run = _only_run(store)
     hist = _npz(client, run.info.run_id, "trainwatch/histograms/activations/part-00000.npz")
     assert hist["step"].tolist() == [0, 2]

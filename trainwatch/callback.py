@@ -565,7 +565,7 @@ class TrainWatch(pl.Callback):
         first_micro_batch = batch_idx % trainer.accumulate_grad_batches == 0
         if self.activations == "live" and first_micro_batch and self._act_due(trainer, trainer.global_step):
             assert self._capture is not None
-            self._capture.activations.arm()
+            self._capture.activations.arm(samples or None)
             self._live_at = trainer.global_step
 
     @override

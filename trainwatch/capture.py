@@ -139,8 +139,9 @@ class Capture:
         for more samples than a training step does: a probe larger than the batch a GPU was filled with would
         otherwise run out of memory. The parts add up to the summaries of the whole batch, dead units included."""
         with untouched(model):
-            for chunk in inputs.split(part) if part else [inputs]:
-                self.activations.arm()
+            # Balanced parts (sizes differ by at most one): no one-sample remainder that a model's squeeze() might trip on.
+            for chunk in inputs.tensor_split(-(-len(inputs) // part)) if part else [inputs]:
+                self.activations.arm(len(chunk))
                 try:
                     model(chunk.to(self.device, non_blocking=True))  # pinned beside a GPU: no host sync
                 finally:

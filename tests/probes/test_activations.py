@@ -207,12 +207,13 @@ def _peak_tensor_bytes(work) -> int:
     return peak
 
 
-def test_a_large_activation_is_summarised_in_bounded_memory():
-    """A probe's largest activation (here 64 MB) must not need twice its size again in temporaries: on a GPU that
-    can be the difference between a probe and an out-of-memory error."""
-    x = torch.relu(torch.randn(64, 64, 64, 64))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])  # mixed precision: converted a run at a time
+def test_a_large_activation_is_summarised_in_bounded_memory(dtype):
+    """A probe's largest activation (here 16 M values) must not need twice its size again in temporaries: on a GPU
+    that can be the difference between a probe and an out-of-memory error."""
+    x = torch.relu(torch.randn(64, 64, 64, 64)).to(dtype)
     peak = _peak_tensor_bytes(lambda: A.activation_summary(x))
-    assert peak < 4 * A.SUMMARY_CHUNK_NUMEL * 4  # a few chunk-sized int32 temporaries, not activation-sized ones
+    assert peak < 6 * A.SUMMARY_CHUNK_NUMEL * 4  # a few chunk-sized temporaries (6 MB), not activation-sized ones (64 MB)
     assert peak > 0
 
 
@@ -227,7 +228,7 @@ def test_dead_units_of_a_probe_forwarded_in_parts_are_those_of_the_whole_batch()
         a.bias[:2], b.bias[:1] = -100.0, -100.0  # never fire
         a.weight[2], a.bias[2] = torch.tensor([1.0, 0.0, 0.0]), -0.5
         expect = sum(int((out == 0).all(0).sum()) for out in (relu(a(x)), relu(b(relu(a(x))))))
-        assert relu(a(x))[:, 2].nonzero().flatten().tolist() == [8]  # alive, in the last micro-batch only
+        assert relu(a(x))[:, 2].nonzero().flatten().tolist() == [8]  # alive, in the third part of four only
     whole, parts = A.ActivationProbe([("relu", relu)]), A.ActivationProbe([("relu", relu)])
     with torch.no_grad():
         for probe, batches in ((whole, [x]), (parts, list(x.split(3)))):
@@ -242,3 +243,25 @@ def test_dead_units_of_a_probe_forwarded_in_parts_are_those_of_the_whole_batch()
     assert row_whole["positions"] == row_parts["positions"] == 6 + 6
     assert row_whole["numel"] == row_parts["numel"] == 10 * 12
     assert row_parts["sum"] == pytest.approx(row_whole["sum"], rel=1e-6)
+
+
+def test_a_sequence_first_output_has_its_samples_in_the_second_dimension():
+    """An LSTM with batch_first=False outputs [time, samples, features]: its units are the (time, feature) positions,
+    and a probe forwarded in parts must count the same units as one forward of the whole batch."""
+    torch.manual_seed(7)
+    lstm = nn.LSTM(3, 4)
+    relu = nn.ReLU()
+    x = torch.randn(5, 10, 3)  # 5 time steps, 10 samples
+    whole, parts = A.ActivationProbe([("relu", relu)]), A.ActivationProbe([("relu", relu)])
+    with torch.no_grad():
+        for probe, batches in ((whole, [x]), (parts, list(x.tensor_split(3, dim=1)))):
+            for batch in batches:
+                probe.arm(batch.shape[1])
+                relu(lstm(batch)[0] - 0.1)
+                probe.disarm()
+        out = relu(lstm(x)[0] - 0.1)
+    expect_dead = int((out == 0).all(1).sum())  # zero for every sample, per (time, feature)
+    for probe in (whole, parts):
+        row = dict(zip(A.STAT_COLUMNS, probe.collect(torch.device("cpu"))[0].tolist(), strict=False))
+        assert (row["dead"], row["positions"], row["numel"]) == (expect_dead, 5 * 4, 5 * 10 * 4)
+    assert 0 < expect_dead < 20

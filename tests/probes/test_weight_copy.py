@@ -97,6 +97,11 @@ def test_take_overwrites_the_copy_in_place_with_the_weights_of_now(tmp_path):
     store.close()
 
 
+def test_parameters_with_no_elements_have_distance_zero(tmp_path):
+    store = WeightCopy([torch.zeros(0), torch.zeros(0, 3)], directory=str(tmp_path))
+    assert store.distances([torch.zeros(0), torch.zeros(0, 3)]).tolist() == [0.0, 0.0]
+
+
 def test_other_parameters_are_refused():
     store = WeightCopy([torch.zeros(3)])
     with pytest.raises(ValueError, match="parameters it was built from"):

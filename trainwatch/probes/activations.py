@@ -148,23 +148,28 @@ def activation_summary(x: Tensor, kind: str | None = None, edges: Tensor = EDGES
     return summary_and_fired(x, kind, edges)[0]
 
 
-def summary_and_fired(x: Tensor, kind: str | None = None, edges: Tensor = EDGES) -> tuple[Tensor, Tensor | None]:
+def summary_and_fired(x: Tensor, kind: str | None = None, edges: Tensor = EDGES, batch_dim: int = 0) -> tuple[Tensor, Tensor | None]:
     """`activation_summary`, and for a batch (2+ dims) the per-position mask of units that fired (non-zero, or
     NaN, for some sample): masks of several batches of the same activation OR together, so that the dead units of
     a probe forwarded in parts are those of the whole probe (`with_units` counts them).
 
     The tensor is summarised a run of samples at a time, at most `SUMMARY_CHUNK_NUMEL` elements each, so the
-    temporaries (about 2.25 bytes per byte of activation) stay small whatever the activation's size."""
-    x32 = x.detach().to(torch.float32)
+    temporaries (about 2.25 bytes per byte of float32 activation, converted a run at a time) stay small whatever
+    the activation's size. `batch_dim`: where the samples are (1 for a sequence-first RNN or transformer output).
+    """
+    x = x.detach()
     f64 = torch.float64
-    batched = x32.dim() >= 2 and x32.shape[0] > 0
-    if x32.numel() <= SUMMARY_CHUNK_NUMEL:
-        parts: Sequence[Tensor] = [x32]
+    batched = x.dim() >= 2 and x.shape[batch_dim] > 0
+    if batched and batch_dim:
+        x = x.movedim(batch_dim, 0)  # a view: the units are every position but the sample's
+    if x.numel() <= SUMMARY_CHUNK_NUMEL:
+        parts: Sequence[Tensor] = [x]
     else:
-        parts = x32.split(max(1, SUMMARY_CHUNK_NUMEL // max(1, x32[0].numel()))) if batched else x32.reshape(-1).split(SUMMARY_CHUNK_NUMEL)
+        parts = x.split(max(1, SUMMARY_CHUNK_NUMEL // max(1, x[0].numel()))) if batched else x.reshape(-1).split(SUMMARY_CHUNK_NUMEL)
     acc: list[Tensor] = []  # counts, non-finite count, sum, sum of squares[, saturated], added over the parts
     fired = None
     for part in parts:
+        part = part.to(torch.float32)  # float16/bfloat16/float64: converted a run at a time
         bits = part.view(torch.int32)
         counts = _histogram_from_bits(bits.reshape(-1), edges)
         nonfinite = counts[num_bins(edges) - 3 :].sum()
@@ -180,7 +185,7 @@ def summary_and_fired(x: Tensor, kind: str | None = None, edges: Tensor = EDGES)
             fired = part_fired if fired is None else fired.logical_or_(part_fired)
     counts, nonfinite, total, squares = acc[:4]
     zeros = counts[len(edges) + 1]
-    n = x32.numel()
+    n = x.numel()
     const = lambda v: torch.full((), float(v), dtype=f64, device=x.device)  # a fill kernel, not a copy
     dead, positions = (fired.numel() - fired.sum().to(f64), const(fired.numel())) if fired is not None else (zeros, const(n))
     sat_numel, saturated = (const(n), acc[4]) if kind is not None else (const(0), const(0))
@@ -239,9 +244,11 @@ def saturation_kind(module: nn.Module) -> str | None:
 class ActivationProbe:
     """Forward hooks on a fixed list of modules; each firing adds the module's summary to a buffer.
 
-    `arm()` starts a pass (one forward) and registers the hooks, `disarm()` removes them. Summaries add over the
-    passes until `collect`; so do fired units, matched by the order of a module's firings within a pass, so that a
-    probe batch forwarded in parts counts the dead units of the whole batch.
+    `arm(samples)` starts a pass (one forward of that many samples) and registers the hooks, `disarm()` removes
+    them. Summaries add over the passes until `collect`; so do fired units, matched by the order of a module's
+    firings within a pass, so that a probe batch forwarded in parts counts the dead units of the whole batch. An
+    output whose first dimension is not the `samples` of the pass but whose second is (a sequence-first LSTM or
+    transformer layer) has its samples there.
     """
 
     def __init__(self, modules: Sequence[tuple[str, nn.Module]]) -> None:
@@ -253,14 +260,16 @@ class ActivationProbe:
         self._fired: list[dict[tuple, Tensor]] = [{} for _ in self._modules]  # (firing in the pass, shape) -> mask
         self._firings = [0] * len(self._modules)
         self._passes = 0
+        self._samples: int | None = None
 
     @property
     def armed(self) -> bool:
         return bool(self._handles)
 
-    def arm(self) -> None:
+    def arm(self, samples: int | None = None) -> None:
         if self.armed:
             return
+        self._samples = samples
         self._firings = [0] * len(self._modules)
         self._passes += 1
         for i, module in enumerate(self._modules):
@@ -276,8 +285,9 @@ class ActivationProbe:
             x = first_tensor(output)
             if x is None:
                 return
+            samples_second = x.dim() >= 3 and self._samples not in (None, x.shape[0]) and x.shape[1] == self._samples
             with torch.no_grad():
-                summary, fired = summary_and_fired(x, self._kinds[i])
+                summary, fired = summary_and_fired(x, self._kinds[i], batch_dim=1 if samples_second else 0)
             prev = self._buffer[i]
             # A module that fires several times in one forward (one ReLU instance reused after several convs, a
             # cell in a loop) sees a different activation each time: every column adds, dead units and positions

@@ -112,7 +112,7 @@ class WeightCopy:
             self._file.seek(0)
             # Allocated per call, not kept: a standing chunk would be one more allocation alive at the training
             # step's memory peak, every step, for a buffer used only at logged steps.
-            buffer = torch.empty(max(c.nbytes for c in self._chunks), dtype=torch.uint8)
+            buffer = torch.empty(max((c.nbytes for c in self._chunks), default=0), dtype=torch.uint8)
         for chunk in self._chunks:
             raw = self._read(chunk, buffer)
             copy, offset = [], 0
