@@ -13,7 +13,7 @@ reused: "peak" is an upper bound, and "without" counts those tensors as freed at
 lies between.
 
 Arms: bare, trainwatch-default (every 50 steps), trainwatch-every1, as in `overhead.py`, one fit each (the figures
-do not vary between runs), over `--steps` steps (default 55: two logged steps at the default cadence).
+vary by under 0.1 MB between runs: the records in flight to the sink), over `--steps` steps (default 55: two logged steps at the default cadence).
 
 `--batch-size` and `--image-size` change the training batch and the input size: a small batch of large images
 is where the activation probe (64 inputs by default) could need more memory than a training step.
