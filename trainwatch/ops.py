@@ -29,6 +29,16 @@ class ArtifactOp:
     data: bytes
 
 
+# The figures' layout, shared by the publisher (which keeps only what a figure shows) and `render` (which draws it).
+MAX_PANELS = 12  # modules the histogram-evolution image shows
+FILMSTRIP_SNAPSHOTS = 8  # CAM snapshots a filmstrip shows
+
+
+def shown_modules(n: int, most: int = MAX_PANELS) -> list[int]:
+    """Indices of at most `most` of `n` modules, evenly spread, the first and the last included."""
+    return np.unique(np.linspace(0, n - 1, min(n, most)).round().astype(int)).tolist() if n else []
+
+
 @dataclass(frozen=True)
 class Render:
     """A figure to draw where its op is delivered: `trainwatch.render.<function>(**kwargs)` on NumPy data.

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from trainwatch.diagnose import Diagnosis
-from trainwatch.ops import ArtifactOp, ImageOp, MetricsOp, Op, Render, TagsOp, npz_bytes
+from trainwatch.ops import FILMSTRIP_SNAPSHOTS, ArtifactOp, ImageOp, MetricsOp, Op, Render, TagsOp, npz_bytes, shown_modules
+from trainwatch.ops import MAX_PANELS as MAX_PANELS  # the image's layout, kept beside what it trims
 from trainwatch.probes.activations import STAT_COLUMNS, histogram_labels
 from trainwatch.record import PendingRecord, Record
 from trainwatch.sink import is_flush
@@ -43,13 +44,6 @@ CAM_IMAGE_KEY = "trainwatch/cam"
 # other later one is kept (evenly spaced still): a panel is about 420 pixels wide, and a run logging every step
 # for days must not keep every histogram it ever made.
 MAX_HISTORY = 1024
-FILMSTRIP_SNAPSHOTS = 8  # CAM snapshots a filmstrip shows (`render.MAX_SNAPSHOTS`): the older ones are not kept
-MAX_PANELS = 12  # modules the histogram image shows (`render.MAX_PANELS`): only theirs are kept
-
-
-def shown_modules(n: int, most: int = MAX_PANELS) -> list[int]:
-    """Indices of at most `most` of `n` modules, evenly spread, the first and the last included."""
-    return np.unique(np.linspace(0, n - 1, min(n, most)).round().astype(int)).tolist() if n else []
 
 
 @dataclass

@@ -13,7 +13,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-MAX_PANELS = 12
+from trainwatch.ops import FILMSTRIP_SNAPSHOTS as MAX_SNAPSHOTS
+from trainwatch.ops import MAX_PANELS as MAX_PANELS  # the layout the publisher trims its histories to
+from trainwatch.ops import shown_modules
 
 
 def figure_to_rgb(fig: plt.Figure) -> np.ndarray:
@@ -30,7 +32,7 @@ def histogram_evolution(steps: Sequence[int], counts: np.ndarray, names: Sequenc
     """
     counts = np.asarray(counts, dtype=np.float64)
     n_modules = counts.shape[1]
-    chosen = np.unique(np.linspace(0, n_modules - 1, min(n_modules, MAX_PANELS)).round().astype(int))
+    chosen = shown_modules(n_modules)
     finite_bins = len(labels) - 3  # the last three slots are NaN, +Inf, -Inf
     cols = min(3, len(chosen))
     rows = -(-len(chosen) // cols)
@@ -51,7 +53,6 @@ def histogram_evolution(steps: Sequence[int], counts: np.ndarray, names: Sequenc
     return figure_to_rgb(fig)
 
 
-MAX_SNAPSHOTS = 8
 TILE = 128  # pixels per tile: the MLflow UI shows small thumbnails, so never smaller
 
 
