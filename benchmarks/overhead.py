@@ -7,8 +7,11 @@ on the machine (other processes, thermal, allocator state) is shared between the
 Arms:
   bare                plain training, no logger
   trainwatch-default  TrainWatch() at the trainer's log_every_n_steps (50), own run in a SQLite store
-  trainwatch-every1   TrainWatch(every_n_steps=1)
-  trainwatch-every1-actoff  TrainWatch(every_n_steps=1, activations="off") (not run unless named in --arms)
+  trainwatch-every1   TrainWatch(every_n_steps=1): gradients and updates every step, activation snapshots at the
+                      trainer's log_every_n_steps (50)
+  trainwatch-every1-act1    TrainWatch(every_n_steps=1, activations_every_n_steps=1): activations every step too
+                      (not run unless named in --arms)
+  trainwatch-every1-actoff  TrainWatch(every_n_steps=1, activations="off") (not run unless named)
   trainwatch-thread, trainwatch-every1-thread  the same with writer="thread": MLflow's client in the sink
                       thread instead of a child process (not run unless named)
   trainwatch-nodiagnose     TrainWatch(diagnose=False): no per-step non-finite check (not run unless named)
@@ -64,11 +67,12 @@ from _models import MODELS, Batches, loader, n_parameters
 from trainwatch import TrainWatch
 
 ALL_ARMS = (
-    "bare", "trainwatch-default", "trainwatch-every1", "trainwatch-every1-actoff", "trainwatch-nodiagnose", "trainwatch-stop",
+    "bare", "trainwatch-default", "trainwatch-every1", "trainwatch-every1-act1", "trainwatch-every1-actoff", "trainwatch-nodiagnose", "trainwatch-stop",
     "trainwatch-thread", "trainwatch-every1-thread",
     "naive-mlflow", "wandb-default", "wandb-every1",
 )  # fmt: skip
 OPT_IN_ARMS = (
+    "trainwatch-every1-act1",
     "trainwatch-every1-actoff",
     "trainwatch-nodiagnose",
     "trainwatch-stop",
@@ -248,7 +252,7 @@ class Arm:
 
 def arms(tmp: Path) -> dict[str, Arm]:
     def tw(every: int | None, activations: str = "probe", **extra: Any) -> Callable[[Path], list[pl.Callback]]:
-        uri = f"sqlite:///{tmp}/tw-{every or 'default'}-{activations}-{len(extra)}.db"
+        uri = f"sqlite:///{tmp}/tw-{every or 'default'}-{activations}-{'-'.join(map(str, extra.values()))}.db"
         return lambda d: [
             TrainWatch(
                 every_n_steps=every, activations=activations, tracking_uri=uri, system_metrics=False, spool_dir=str(d / "spool"), **extra
@@ -259,6 +263,7 @@ def arms(tmp: Path) -> dict[str, Arm]:
         "bare": Arm("bare", None, lambda d: []),
         "trainwatch-default": Arm("trainwatch-default", LOG_EVERY_N_STEPS, tw(None)),
         "trainwatch-every1": Arm("trainwatch-every1", 1, tw(1)),
+        "trainwatch-every1-act1": Arm("trainwatch-every1-act1", 1, tw(1, activations_every_n_steps=1)),
         "trainwatch-every1-actoff": Arm("trainwatch-every1-actoff", 1, tw(1, "off")),
         "trainwatch-thread": Arm("trainwatch-thread", LOG_EVERY_N_STEPS, tw(None, writer="thread")),
         "trainwatch-every1-thread": Arm("trainwatch-every1-thread", 1, tw(1, writer="thread")),

@@ -119,7 +119,7 @@ def test_the_probe_batch_is_forwarded_in_parts_no_larger_than_a_training_batch(s
         model.net[3].bias[:5] = -50.0  # five ReLU units that never fire
         model.net[3].weight[5], model.net[3].bias[5] = 0.0, -0.5
         model.net[3].weight[5, 0] = 1.0  # ReLU unit 5 fires for probe input 36 only
-    watch = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False, probe_batch=probe)
+    watch = TrainWatch(every_n_steps=2, activations_every_n_steps=2, tracking_uri=store, system_metrics=False, probe_batch=probe)
     trainer(max_steps=4, callbacks=[sizes, watch, rec]).fit(model, train)
     assert sizes.sizes[:3] == [14, 13, 13] and len(sizes.sizes) == 2 * 3 + 2 * 1  # two snapshots, and rec's whole batches
     client, run = _only_run(store)
@@ -147,7 +147,7 @@ def test_logged_values_equal_independent_computation(store, precision, monkeypat
     probe = data.tensors[0][:64]
     rec = Recorder(3, probe)
     model = Classifier(mlp())
-    callbacks = [TrainWatch(every_n_steps=3, tracking_uri=store, system_metrics=False), rec]
+    callbacks = [TrainWatch(every_n_steps=3, activations_every_n_steps=3, tracking_uri=store, system_metrics=False), rec]
     trainer(max_steps=10, precision=precision, callbacks=callbacks).fit(model, train, val)
     assert all(g.dtype == (torch.float64 if precision == "64-true" else torch.float32) for g in rec.grad[0].values())
 
@@ -231,16 +231,48 @@ def test_an_unwritable_temporary_directory_costs_the_distance_from_init_not_the_
 
 
 @pytest.mark.parametrize(
-    ("every", "log_every", "expected"), [(4, 50, [0, 4, 8, 12, 16]), (None, 5, [0, 5, 10, 15]), (1, 50, list(range(17)))]
+    ("every", "act_every", "log_every", "expected", "expected_act"),
+    [
+        (4, None, 2, [0, 4, 8, 12, 16], [0, 4, 8, 12, 16]),
+        (None, None, 5, [0, 5, 10, 15], [0, 5, 10, 15]),
+        (1, 1, 50, list(range(17)), list(range(17))),
+        # Activation snapshots (a forward each) default to no more often than the trainer's logging: the first
+        # multiple of every_n_steps at or above log_every_n_steps.
+        (1, None, 5, list(range(17)), [0, 5, 10, 15]),
+        (3, None, 5, [0, 3, 6, 9, 12, 15], [0, 6, 12]),
+        (2, 3, 50, [0, 2, 4, 6, 8, 10, 12, 14, 16], [0, 3, 6, 9, 12, 15]),
+    ],
 )
-def test_logged_steps_are_exactly_the_cadence(store, every, log_every, expected):
+@pytest.mark.parametrize("activations", ["live", "probe"])
+def test_logged_steps_are_exactly_the_cadence(store, every, act_every, log_every, expected, expected_act, activations):
     pl.seed_everything(0)
     train, val = loaders(blobs(n=64), batch_size=8)
-    watch = TrainWatch(every_n_steps=every, tracking_uri=store, system_metrics=False, activations="live")
+    watch = TrainWatch(
+        every_n_steps=every, activations_every_n_steps=act_every, tracking_uri=store, system_metrics=False,
+        activations=activations, landscape_samples=0, report=False,
+    )  # fmt: skip
     trainer(max_steps=17, log_every_n_steps=log_every, callbacks=[watch]).fit(Classifier(mlp()), train, val)
     client, run = _only_run(store)
     assert sorted(_history(client, run.info.run_id, "grad_norm/net.0")) == expected
-    assert sorted(_history(client, run.info.run_id, "act_mean/net.1")) == expected
+    assert sorted(_history(client, run.info.run_id, "act_mean/net.1")) == expected_act
+    assert run.data.params["trainwatch.activations_every_n_steps"] == str(expected_act[1] - expected_act[0])
+
+
+def test_trainer_without_logging_cadence_needs_every_n_steps(store):
+    StepCounter.steps = 0
+    train, val = loaders(blobs(n=32), batch_size=16)
+    with pytest.raises(MisconfigurationException, match=r"log_every_n_steps`, which is 0.*TrainWatch\(every_n_steps=N\)"):
+        trainer(max_steps=2, log_every_n_steps=0, callbacks=[TrainWatch(tracking_uri=store), StepCounter()]).fit(
+            Classifier(mlp()), train, val
+        )
+    assert StepCounter.steps == 0
+    pl.seed_everything(0)  # with its own cadence it runs: steps 0 and 1 logged
+    trainer(max_steps=2, log_every_n_steps=0, callbacks=[TrainWatch(every_n_steps=1, tracking_uri=store)]).fit(
+        Classifier(mlp()), train, val
+    )
+    client, run = _only_run(store)
+    assert sorted(_history(client, run.info.run_id, "grad_norm/net.0")) == [0, 1]
+    assert sorted(_history(client, run.info.run_id, "act_mean/net.1")) == [0, 1]  # nor a floor for the activations'
 
 
 def test_gradient_accumulation_logs_optimizer_steps(store):
@@ -404,9 +436,8 @@ def test_exception_in_training_keeps_everything_logged_and_fails_the_run(store):
 
     train, val = loaders(blobs(n=256), batch_size=8)
     with pytest.raises(RuntimeError, match="boom"):
-        trainer(max_steps=10, callbacks=[TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False)]).fit(
-            Exploding(mlp()), train, val
-        )
+        watch = TrainWatch(every_n_steps=1, activations_every_n_steps=1, tracking_uri=store, system_metrics=False)
+        trainer(max_steps=10, callbacks=[watch]).fit(Exploding(mlp()), train, val)
     client, run = _only_run(store)
     assert sorted(_history(client, run.info.run_id, "grad_norm/net.0")) == [0, 1, 2, 3, 4]
     assert run.info.status == "FAILED"
@@ -572,7 +603,10 @@ def test_two_optimizers_give_one_record_per_optimizer_step(store, every, logged,
     train, _ = loaders(blobs(n=64), batch_size=16)
     model = TwoOptimizers()
     probe = torch.zeros(4, 8) if activations == "probe" else None
-    watch = TrainWatch(every_n_steps=every, activations=activations, tracking_uri=store, system_metrics=False, probe_batch=probe)
+    watch = TrainWatch(
+        every_n_steps=every, activations_every_n_steps=every, activations=activations, tracking_uri=store, system_metrics=False,
+        probe_batch=probe,
+    )  # fmt: skip
     trainer(max_steps=8, callbacks=[watch]).fit(model, train)
     client, run = _only_run(store)
     rid = run.info.run_id
@@ -665,7 +699,9 @@ def test_probe_from_batches_padded_to_their_own_length_keeps_the_first_shape(sto
             break
         kept.append(x)
     assert 0 < sum(len(k) for k in kept) < 64  # the batches differ in length: the probe holds fewer than asked
-    watch = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False)  # probe_samples=64: four batches asked
+    watch = TrainWatch(
+        every_n_steps=2, activations_every_n_steps=2, tracking_uri=store, system_metrics=False
+    )  # probe_samples=64: four batches asked
     trainer(max_steps=4, callbacks=[watch]).fit(SequenceClassifier(), train, val)
     client, run = _only_run(store)
     hist = _npz(client, run.info.run_id, "trainwatch/histograms/activations/part-00000.npz")
@@ -682,7 +718,7 @@ def test_float64_probes_pass_the_setup_checks_of_a_64_bit_run(store):
     train, val = loaders(data, batch_size=16)
     probes = data.tensors[0][:4].double()  # e.g. data that came from NumPy
     watch = TrainWatch(
-        every_n_steps=2, tracking_uri=store, system_metrics=False, probe_batch=probes, cam_probes=probes,
+        every_n_steps=2, activations_every_n_steps=2, tracking_uri=store, system_metrics=False, probe_batch=probes, cam_probes=probes,
         cam_targets=torch.tensor([0, 1, 2, 0]), cam_every_n_steps=2, cam_methods=["grad_cam"],
     )  # fmt: skip
     trainer(max_steps=4, precision="64-true", callbacks=[watch]).fit(Classifier(cnn()), train, val)
@@ -728,11 +764,11 @@ def test_a_fit_resumed_into_the_same_run_keeps_the_first_fits_tables(store, tmp_
     train, val = loaders(blobs(n=128), batch_size=16)
     logger = MLFlowLogger(experiment_name="resume", tracking_uri=store)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
-    first = TrainWatch(every_n_steps=2, system_metrics=False)
+    first = TrainWatch(every_n_steps=2, activations_every_n_steps=2, system_metrics=False)
     trainer(max_steps=8, logger=logger, callbacks=[first, saver], enable_checkpointing=True).fit(Classifier(mlp()), train, val)
     (ckpt,) = [p for p in (tmp_path / "ckpt").iterdir() if "step=4" in p.name]
     probe = torch.randn(5, 8)
-    again = TrainWatch(every_n_steps=2, system_metrics=False, probe_batch=probe)
+    again = TrainWatch(every_n_steps=2, activations_every_n_steps=2, system_metrics=False, probe_batch=probe)
     same_run = MLFlowLogger(experiment_name="resume", tracking_uri=store, run_id=logger.run_id)
     trainer(max_steps=8, logger=same_run, callbacks=[again]).fit(Classifier(mlp()), train, val, ckpt_path=ckpt)
     assert torch.equal(again.state_dict()["probe_inputs"], probe)

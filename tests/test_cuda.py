@@ -36,7 +36,9 @@ class StrictTrainWatch(TrainWatch):
 def test_hooks_do_not_synchronise_on_cuda(store, activations):
     pl.seed_everything(0)
     train, val = loaders(images(n=64), batch_size=8)
-    watch = StrictTrainWatch(every_n_steps=1, activations=activations, tracking_uri=store, system_metrics=False)
+    watch = StrictTrainWatch(
+        every_n_steps=1, activations_every_n_steps=1, activations=activations, tracking_uri=store, system_metrics=False
+    )
     # warm-up outside the strict hooks: the probe batch is drawn and checked at on_train_start
     trainer(max_steps=6, accelerator="cuda", callbacks=[watch]).fit(Classifier(cnn()), train, val)
     assert watch.sink is None
@@ -53,7 +55,7 @@ def test_bit_identical_on_cuda(store):
         return model.state_dict()
 
     bare = run([])
-    watched = run([TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False)])
+    watched = run([TrainWatch(every_n_steps=1, activations_every_n_steps=1, tracking_uri=store, system_metrics=False)])
     for name, tensor in bare.items():
         assert torch.equal(tensor, watched[name]), name
 
@@ -95,7 +97,9 @@ def test_the_probe_batch_waits_in_pinned_host_memory_and_its_numbers_match_the_c
     def run(accelerator, experiment):
         pl.seed_everything(0)
         train, val = loaders(images(n=64), batch_size=8)  # probe of 64 validation inputs: eight parts of 8
-        watch = TrainWatch(every_n_steps=2, tracking_uri=store, experiment_name=experiment, system_metrics=False)
+        watch = TrainWatch(
+            every_n_steps=2, activations_every_n_steps=2, tracking_uri=store, experiment_name=experiment, system_metrics=False
+        )
         trainer(max_steps=4, accelerator=accelerator, callbacks=[watch]).fit(Classifier(cnn()), train, val)
         return watch
 

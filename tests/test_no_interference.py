@@ -25,7 +25,7 @@ def _train(callbacks: list, accumulate: int) -> Classifier:
 @pytest.mark.parametrize("activations", ["probe", "live"])
 def test_training_is_bit_identical_with_trainwatch(store, accumulate, activations):
     bare = _train([], accumulate)
-    watch = TrainWatch(every_n_steps=1, activations=activations, tracking_uri=store, system_metrics=False)
+    watch = TrainWatch(every_n_steps=1, activations_every_n_steps=1, activations=activations, tracking_uri=store, system_metrics=False)
     watched = _train([watch], accumulate)
     bare_state, watched_state = bare.state_dict(), watched.state_dict()
     assert bare_state.keys() == watched_state.keys()

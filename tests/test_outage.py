@@ -179,6 +179,7 @@ def test_server_down_mid_training_everything_arrives_once(live_server, tmp_path,
     steps = 60
     watch = TimedWatch(
         every_n_steps=1, tracking_uri=live_server.url, experiment_name="outage", system_metrics=False, activations="probe",
+        activations_every_n_steps=1,
         spool_dir=str(tmp_path / "spool"),
     )  # fmt: skip
     http_spy.watch = watch
@@ -211,6 +212,7 @@ def test_server_never_back_spool_is_kept_and_trainwatch_sync_delivers_it(live_se
     steps = 20
     watch = TrainWatch(
         every_n_steps=1, tracking_uri=live_server.url, experiment_name="never-back", system_metrics=False, activations="probe",
+        activations_every_n_steps=1,
         spool_dir=str(tmp_path / "spool"),
     )  # fmt: skip
     t = fit(watch, Outage(live_server, watch, stop_at=1), steps=steps)

@@ -87,7 +87,10 @@ class TrainWatch(pl.Callback):
             `log_every_n_steps`.
         activations: "probe" forwards a fixed probe batch in eval mode; "live" hooks the training forward
             on logged steps; "off" skips activations.
-        activations_every_n_steps: cadence of activation snapshots; default `every_n_steps`.
+        activations_every_n_steps: cadence of activation snapshots; default `every_n_steps`, but no more often than
+            the trainer's `log_every_n_steps` (the first multiple of `every_n_steps` at or above it): a snapshot is
+            a forward of the probe batch, a third of a training step or more, so `every_n_steps=1` alone logs
+            gradients and updates at every step and activations at the trainer's cadence. Set it to 1 for both.
         probe_batch: inputs for the activation probe; default: the first `probe_samples` validation inputs
             (or training inputs when there is no validation data). Forwarded in parts no larger than the fit's
             first training batch, so the probe never holds activations for more samples than a step does.
@@ -258,8 +261,14 @@ class TrainWatch(pl.Callback):
     def _cam_due(self, step: int) -> bool:
         return self._cam is not None and self.cam_every_n_steps is not None and step % self.cam_every_n_steps == 0
 
+    def _act_n(self, trainer: pl.Trainer) -> int:
+        if self.activations_every_n_steps is not None:
+            return self.activations_every_n_steps
+        n = self._n(trainer)
+        return n * max(1, -(-trainer.log_every_n_steps // n))  # the first multiple of n at or above log_every_n_steps
+
     def _act_due(self, trainer: pl.Trainer, step: int) -> bool:
-        return self.activations != "off" and step % (self.activations_every_n_steps or self._n(trainer)) == 0
+        return self.activations != "off" and step % self._act_n(trainer) == 0
 
     # --- setup and teardown -----------------------------------------------------------------------------
     @override
@@ -267,6 +276,11 @@ class TrainWatch(pl.Callback):
         if stage != "fit":
             return
         self._reset()
+        if self._n(trainer) == 0:  # barebones=True or log_every_n_steps=0: the trainer logs nothing, so has no cadence to lend
+            raise MisconfigurationException(
+                "`TrainWatch` takes its cadence from the trainer's `log_every_n_steps`, which is 0 here (no logging): "
+                "pass `TrainWatch(every_n_steps=N)`."
+            )
         try:
             self._setup_model(pl_module)
             if self.probe_batch is not None:
@@ -340,7 +354,7 @@ class TrainWatch(pl.Callback):
         return {
             "every_n_steps": self._n(trainer),
             "activations": self.activations,
-            "activations_every_n_steps": self.activations_every_n_steps or self._n(trainer),
+            "activations_every_n_steps": self._act_n(trainer),
             "max_metric_keys": self.max_metric_keys,
             "grouping": self.plan.to_json()["grouping"] if self.plan else None,
         }

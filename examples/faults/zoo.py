@@ -239,12 +239,12 @@ SCENARIOS: dict[str, Scenario] = {
 
 
 def run(name: str, tracking_uri: str, seed: int = 0) -> dict:
-    """Train scenario `name` with TrainWatch (every 2 steps) and return its diagnosis.json."""
+    """Train scenario `name` with TrainWatch (gradients and activations every 2 steps) and return its diagnosis.json."""
     scenario = SCENARIOS[name]
     pl.seed_everything(seed, verbose=False)
     loader = DataLoader(scenario.data(), batch_size=32, shuffle=True)
     watch = TrainWatch(
-        every_n_steps=2, tracking_uri=tracking_uri, experiment_name="fault-zoo", run_name=name,
+        every_n_steps=2, activations_every_n_steps=2, tracking_uri=tracking_uri, experiment_name="fault-zoo", run_name=name,
         system_metrics=False, landscape_samples=0, **scenario.watch,
     )  # fmt: skip
     trainer = pl.Trainer(
