@@ -24,8 +24,9 @@ Arms:
 
 Step time is the interval between consecutive `on_train_batch_start` calls (data, forward, backward,
 optimizer, every callback hook and the Lightning loop), after `--warmup` discarded steps (they cover the
-sink's start-up: the first record and the first histogram image). The measured window of the default-cadence
-arms is a multiple of 50 steps, so it holds exactly steps/50 logged steps; arms that log every step are in
+sink's start-up: the first record and the first histogram image). The measured window of an arm whose work repeats
+every 50 steps (the default cadence, and `every_n_steps=1` with its activation snapshots every 50 steps) is a
+multiple of 50 steps, so it holds exactly steps/50 of them; arms that do all their work at every step are in
 steady state sooner and measure `--per-step-steps` steps after at most 10 warm-up steps. A "logged" step is
 one where the arm does its full work (global_step % cadence == 0); "+ms/logged" is its median minus the
 bare median (the steps right after a logged step also slow down while the sink thread works: see "mean").
@@ -248,6 +249,10 @@ class Arm:
     name: str
     cadence: int | None  # steps between logged steps, None for bare
     make: Callable[[Path], list[pl.Callback]]
+    period: int | None = None  # steps after which the arm's work repeats (its longest cadence); default `cadence`
+
+    def __post_init__(self) -> None:
+        self.period = self.period or self.cadence
 
 
 def arms(tmp: Path) -> dict[str, Arm]:
@@ -262,11 +267,11 @@ def arms(tmp: Path) -> dict[str, Arm]:
     return {
         "bare": Arm("bare", None, lambda d: []),
         "trainwatch-default": Arm("trainwatch-default", LOG_EVERY_N_STEPS, tw(None)),
-        "trainwatch-every1": Arm("trainwatch-every1", 1, tw(1)),
+        "trainwatch-every1": Arm("trainwatch-every1", 1, tw(1), period=LOG_EVERY_N_STEPS),  # activations every 50 steps
         "trainwatch-every1-act1": Arm("trainwatch-every1-act1", 1, tw(1, activations_every_n_steps=1)),
         "trainwatch-every1-actoff": Arm("trainwatch-every1-actoff", 1, tw(1, "off")),
         "trainwatch-thread": Arm("trainwatch-thread", LOG_EVERY_N_STEPS, tw(None, writer="thread")),
-        "trainwatch-every1-thread": Arm("trainwatch-every1-thread", 1, tw(1, writer="thread")),
+        "trainwatch-every1-thread": Arm("trainwatch-every1-thread", 1, tw(1, writer="thread"), period=LOG_EVERY_N_STEPS),
         "trainwatch-nodiagnose": Arm("trainwatch-nodiagnose", LOG_EVERY_N_STEPS, tw(None, diagnose=False)),
         "trainwatch-stop": Arm("trainwatch-stop", LOG_EVERY_N_STEPS, tw(None, on_nonfinite="stop")),
         "naive-mlflow": Arm("naive-mlflow", 1, lambda d: [NaiveGradNorms(f"sqlite:///{tmp}/naive.db")]),
@@ -314,9 +319,9 @@ def fit_once(
 
 
 def window(arm: Arm, steps: int, warmup: int, per_step_steps: int) -> tuple[int, int]:
-    """(warm-up, measured) steps of an arm: arms that log every step are in steady state sooner and need
-    fewer steps for a stable median."""
-    if arm.cadence == 1:
+    """(warm-up, measured) steps of an arm: arms that do all their work at every step are in steady state sooner
+    and need fewer steps for a stable median."""
+    if arm.period == 1:
         return min(warmup, PER_STEP_WARMUP), min(steps, per_step_steps)
     return warmup, steps
 

@@ -389,6 +389,74 @@ def test_state_dict_keeps_the_probe_set_for_a_resumed_run(store, tmp_path):
     assert torch.equal(resumed.state_dict()["probe_inputs"], watch.state_dict()["probe_inputs"])
 
 
+class CrashesAt(Classifier):
+    def __init__(self, net: nn.Module, step: int) -> None:
+        super().__init__(net)
+        self.crash_at = step
+
+    def training_step(self, batch, batch_idx):
+        if self.global_step == self.crash_at:
+            raise RuntimeError("node lost")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_fit_resumed_from_a_checkpoint_goes_on_in_its_own_run(store, tmp_path, caplog):
+    """The usual resume: a fit dies at step 6 (its run ends FAILED), a new TrainWatch resumes from the step-4
+    checkpoint: the same run goes on, ends FINISHED and holds both fits' records; a changed setting keeps the first
+    fit's param (MLflow does not change params), with a warning, and nothing is refused or spooled."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    pl.seed_everything(0)
+    train, val = loaders(blobs(n=128), batch_size=16)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    first = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False, landscape_samples=0)
+    with pytest.raises(RuntimeError, match="node lost"):
+        trainer(max_steps=8, callbacks=[first, saver], enable_checkpointing=True).fit(CrashesAt(mlp(), 6), train, val)
+    client = MlflowClient(store)
+    assert client.get_run(first.run_id).info.status == "FAILED"
+    (ckpt,) = [p for p in (tmp_path / "ckpt").iterdir() if "step=4" in p.name]
+
+    again = TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False, landscape_samples=0)
+    trainer(max_steps=8, callbacks=[again]).fit(Classifier(mlp()), train, val, ckpt_path=ckpt)
+    client, run = _only_run(store)
+    assert run.info.run_id == first.run_id == again.run_id
+    assert run.info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "grad_norm/net.0"))
+    assert steps == [0, 2, 4, 4, 5, 6, 7]  # the first fit's 0, 2, 4, then the resumed fit's 4..7
+    parts = sorted(f.path.rsplit("/", 1)[1] for f in client.list_artifacts(run.info.run_id, "trainwatch/stats/params"))
+    assert parts == ["part-00000.npz", "part-00001.npz"]
+    assert run.data.params["trainwatch.every_n_steps"] == "2"
+    said = [r.getMessage() for r in caplog.records if r.name.startswith("trainwatch")]
+    assert any("keeps the param trainwatch.every_n_steps=2" in m and "this fit uses 1" in m for m in said), said
+    assert not any("refused" in m or "spool" in m for m in said), said
+    assert run.data.tags["trainwatch.weight_dist_init_from_step"] == "4"
+    assert not (tmp_path / ".trainwatch" / "spool" / run.info.run_id).exists()  # everything delivered
+
+
+@pytest.mark.parametrize("case", ["deleted", "another store"])
+def test_a_resumed_fit_whose_run_is_gone_logs_to_a_new_run_and_says_why(store, tmp_path, caplog, case):
+    train, val = loaders(blobs(n=64), batch_size=16)
+    kwargs = dict(every_n_steps=1, system_metrics=False, landscape_samples=0, report=False)
+    first = TrainWatch(tracking_uri=store, **kwargs)
+    t = trainer(max_steps=2, callbacks=[first])
+    t.fit(Classifier(mlp()), train, val)
+    t.save_checkpoint(tmp_path / "last.ckpt")
+    uri = store
+    if case == "deleted":
+        MlflowClient(store).delete_run(first.run_id)
+    else:
+        uri = f"sqlite:///{tmp_path}/other.db"
+    again = TrainWatch(tracking_uri=uri, **kwargs)
+    trainer(max_steps=3, callbacks=[again]).fit(Classifier(mlp()), train, val, ckpt_path=tmp_path / "last.ckpt")
+    assert again.run_id != first.run_id
+    client = MlflowClient(uri)
+    assert client.get_run(again.run_id).info.status == "FINISHED"
+    assert sorted(_history(client, again.run_id, "grad_norm/net.0")) == [2]
+    (said,) = [r.getMessage() for r in caplog.records if "is not continued" in r.getMessage()]
+    assert first.run_id in said and again.run_id in said
+    assert "it is deleted at" in said if case == "deleted" else "other.db" in said
+
+
 def test_lightning_cli_yaml_configures_trainwatch(store, tmp_path):
     from pytorch_lightning.cli import LightningCLI
 

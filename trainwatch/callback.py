@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
+from mlflow.exceptions import MlflowException
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
@@ -98,7 +99,9 @@ class TrainWatch(pl.Callback):
         max_metric_keys: budget of metric keys for the whole run (the MLflow UI slows down with many); the keys
             outside the groups (train/, CAM, system, landscape) are set aside and large models grouped into blocks.
         tracking_uri, experiment_name, run_name: where trainwatch opens its own run when the trainer has no
-            `MLFlowLogger` (URI: argument, then MLFLOW_TRACKING_URI, then sqlite:///mlflow.db).
+            `MLFlowLogger` (URI: argument, then MLFLOW_TRACKING_URI, then sqlite:///mlflow.db). A fit resumed from a
+            checkpoint (`fit(ckpt_path=...)`) goes on in the checkpoint's run when that run is at the same URI and
+            not deleted.
         distance_from_init: keep a copy of the initial weights for `weight_dist_init`, off the training device (in
             pinned host memory beside a GPU, in an unlinked temporary file beside the CPU).
         system_metrics: start MLflow's system-metrics monitor (CPU, RAM, GPU) on the run.
@@ -229,6 +232,8 @@ class TrainWatch(pl.Callback):
         self.sink: MlflowSink | None = None
         self._capture: Capture | None = None
         self._own_run = False
+        self._resume_run: dict[str, str] | None = None  # the run of the checkpoint this fit resumes from
+        self._uri: str | None = None
         self._client: Any = None
         self._monitor: Any = None
         self._probe_inputs: Tensor | None = None
@@ -291,7 +296,7 @@ class TrainWatch(pl.Callback):
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
         if trainer.is_global_zero:
-            self._open_run(trainer)
+            self._connect(trainer)
 
     def _setup_model(self, model: pl.LightningModule) -> None:
         params, acts = param_modules(model), activation_modules(model) if self.activations != "off" else []
@@ -316,39 +321,85 @@ class TrainWatch(pl.Callback):
             keys += LANDSCAPE_KEYS
         return keys
 
-    def _open_run(self, trainer: pl.Trainer) -> None:
+    def _connect(self, trainer: pl.Trainer) -> None:
+        """In setup, before training: the MLflow client, checked to answer (an unreachable or refusing server fails
+        here), and the logger's run if the trainer has an `MLFlowLogger`."""
         logger = next((lg for lg in trainer.loggers if isinstance(lg, MLFlowLogger)), None)
         try:
             if logger is not None:
                 self._client, self.run_id = logger.experiment, logger.run_id
-                uri = absolute_sqlite_uri(tracking_uri_of(self._client))
-                open_client(uri)  # the same reachability check as for our own run
+                self._uri = absolute_sqlite_uri(tracking_uri_of(self._client))
+                open_client(self._uri)  # the same reachability check as for our own run
             else:
-                uri = absolute_sqlite_uri(self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
-                self._client = open_client(uri)
-                self.run_id = create_run(self._client, self.experiment_name, self.run_name)
-                self._own_run = True
+                self._uri = absolute_sqlite_uri(self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+                self._client = open_client(self._uri)
         except Exception as error:
             raise MisconfigurationException(str(error)) from error
+
+    def _start_run(self, trainer: pl.Trainer) -> None:
+        """At the start of training, once Lightning has restored this callback's state from a checkpoint: our own run
+        (new, or the resumed checkpoint's), then the spool, the publisher and the sink."""
+        uri = self._uri
+        assert uri is not None and self.plan is not None
+        resumed = self.run_id is not None  # the logger's run may hold a first fit
+        if self.run_id is None:
+            try:
+                self.run_id, resumed = self._own_run_id(uri)
+            except Exception as error:
+                raise MisconfigurationException(str(error)) from error
+            self._own_run = True
         spool = Spool(Path(self.spool_dir or Path(".trainwatch") / "spool") / self.run_id)
         spool.write_meta(uri, self.run_id, report=self.report)
-        assert self.plan is not None
         b = bind(self.plan, trainer.lightning_module)
         module = trainer.lightning_module
         facts = model_facts(module, b.param_keys, b.act_names)
         diagnosis = Diagnosis(facts, self.diagnosis_thresholds) if self.diagnose else None
-        # a fit resumed into the logger's run continues its tables' part numbers instead of overwriting them
-        parts = {} if self._own_run else next_parts({t: artifact_paths(self._client, self.run_id, f"{ARTIFACT_ROOT}/{t}") for t in TABLES})
+        # a fit resumed into a run continues its tables' part numbers instead of overwriting them
+        parts = next_parts({t: artifact_paths(self._client, self.run_id, f"{ARTIFACT_ROOT}/{t}") for t in TABLES}) if resumed else {}
         publisher = Publisher(list(b.param_names), list(b.act_names), diagnosis=diagnosis, first_parts=parts)
         self._publisher = publisher
         writer = ProcessWriter(uri, self.run_id) if self.writer == "process" else MlflowWriter(self._client, self.run_id)
         self.sink = MlflowSink(writer, spool, publisher, self.queue_size, describe=f"MLflow at {uri}")
         self.sink.start()
         self.sink.submit(TagsOp((("trainwatch.version", __version__),)))
-        self.sink.submit(ParamsOp(tuple((f"trainwatch.{k}", str(v)) for k, v in self._params(trainer).items())))
+        params = {f"trainwatch.{k}": str(v) for k, v in self._params(trainer).items()}
+        self.sink.submit(ParamsOp(tuple(self._new_params(params).items() if resumed else params.items())))
         self.sink.submit(groups_artifact(self.plan.to_json()))
         if self.system_metrics:
             self._monitor = start_system_metrics(self.run_id, uri, self.system_metrics_interval_s)
+
+    def _own_run_id(self, uri: str) -> tuple[str, bool]:
+        """(run id, resumed): the run of the checkpoint this fit resumes from, reopened, when it is at this tracking
+        URI and not deleted; otherwise a new run, with a warning that says why when there was one."""
+        resume, self._resume_run = self._resume_run, None
+        if resume is not None:
+            run_id, then = resume["run_id"], resume["tracking_uri"]
+            why = f"it was logged to {then!r}, and this fit logs to {uri!r}"
+            if then == uri:
+                try:
+                    stage = self._client.get_run(run_id).info.lifecycle_stage
+                    why = f"it is {stage} at {uri!r}"
+                except MlflowException as error:
+                    stage, why = None, f"{uri!r} does not have it ({str(error)[:200]})"
+                if stage == "active":
+                    self._client.update_run(run_id, status="RUNNING")
+                    log.info("trainwatch: the resumed fit goes on in run %s.", run_id)
+                    return run_id, True
+            new = create_run(self._client, self.experiment_name, self.run_name)
+            log.warning("trainwatch: the checkpoint's run %s is not continued (%s); this fit logs to a new run, %s.", run_id, why, new)
+            return new, False
+        return create_run(self._client, self.experiment_name, self.run_name), False
+
+    def _new_params(self, params: dict[str, str]) -> dict[str, str]:
+        """The params a resumed run does not hold yet. MLflow refuses to change a param: a changed setting (say,
+        `every_n_steps`) keeps the first fit's value, with a warning."""
+        held = self._client.get_run(self.run_id).data.params
+        for key in sorted(k for k in params if k in held and held[k] != params[k]):
+            log.warning(
+                "trainwatch: run %s keeps the param %s=%s of its first fit (MLflow does not change params); this fit uses %s.",
+                self.run_id, key, held[key], params[key],
+            )  # fmt: skip
+        return {k: v for k, v in params.items() if k not in held}
 
     def _params(self, trainer: pl.Trainer) -> dict[str, Any]:
         return {
@@ -362,6 +413,8 @@ class TrainWatch(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.plan is not None
+        if trainer.is_global_zero:
+            self._start_run(trainer)
         binding = bind(self.plan, pl_module)
         self._capture = Capture(
             binding,
@@ -699,10 +752,16 @@ class TrainWatch(pl.Callback):
     # --- resume -----------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"probe_inputs": None if self._probe_inputs is None else self._probe_inputs.detach().cpu()}
+        """The probe batch, and our own run (a resumed fit goes on in it)."""
+        state: dict[str, Any] = {"probe_inputs": None if self._probe_inputs is None else self._probe_inputs.detach().cpu()}
+        if self._own_run:
+            state["run"] = {"tracking_uri": self._uri, "run_id": self.run_id}
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """A resumed fit forwards the probe batch of the first one (comparable numbers), unless `probe_batch=` is given."""
+        """A resumed fit forwards the probe batch of the first one (comparable numbers), unless `probe_batch=` is given,
+        and goes on in the first one's own run."""
         if self.probe_batch is None:
             self._probe_inputs = state_dict.get("probe_inputs")
+        self._resume_run = state_dict.get("run")
