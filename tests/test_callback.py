@@ -389,29 +389,28 @@ def test_state_dict_keeps_the_probe_set_for_a_resumed_run(store, tmp_path):
     assert torch.equal(resumed.state_dict()["probe_inputs"], watch.state_dict()["probe_inputs"])
 
 
-class CrashesAt(Classifier):
-    def __init__(self, net: nn.Module, step: int) -> None:
-        super().__init__(net)
-        self.crash_at = step
+class Troubled(Classifier):
+    """NaN gradients at step 2, then a crash at step 6."""
 
     def training_step(self, batch, batch_idx):
-        if self.global_step == self.crash_at:
+        if self.global_step == 6:
             raise RuntimeError("node lost")
-        return super().training_step(batch, batch_idx)
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == 2 else loss
 
 
 def test_a_fit_resumed_from_a_checkpoint_goes_on_in_its_own_run(store, tmp_path, caplog):
     """The usual resume: a fit dies at step 6 (its run ends FAILED), a new TrainWatch resumes from the step-4
-    checkpoint: the same run goes on, ends FINISHED and holds both fits' records; a changed setting keeps the first
-    fit's param (MLflow does not change params), with a warning, and nothing is refused or spooled."""
+    checkpoint: the same run goes on, ends FINISHED and holds both fits' records and findings; a changed setting
+    keeps the first fit's param (MLflow does not change params), with a warning, and nothing is refused or spooled."""
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     pl.seed_everything(0)
     train, val = loaders(blobs(n=128), batch_size=16)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
-    first = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False, landscape_samples=0)
+    first = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False, landscape_samples=0, on_nonfinite="skip_step")
     with pytest.raises(RuntimeError, match="node lost"):
-        trainer(max_steps=8, callbacks=[first, saver], enable_checkpointing=True).fit(CrashesAt(mlp(), 6), train, val)
+        trainer(max_steps=8, callbacks=[first, saver], enable_checkpointing=True).fit(Troubled(mlp()), train, val)
     client = MlflowClient(store)
     assert client.get_run(first.run_id).info.status == "FAILED"
     (ckpt,) = [p for p in (tmp_path / "ckpt").iterdir() if "step=4" in p.name]
@@ -431,6 +430,11 @@ def test_a_fit_resumed_from_a_checkpoint_goes_on_in_its_own_run(store, tmp_path,
     assert not any("refused" in m or "spool" in m for m in said), said
     assert run.data.tags["trainwatch.weight_dist_init_from_step"] == "4"
     assert not (tmp_path / ".trainwatch" / "spool" / run.info.run_id).exists()  # everything delivered
+    diagnosis = json.loads(Path(client.download_artifacts(run.info.run_id, "trainwatch/diagnosis.json", str(tmp_path))).read_text())
+    assert diagnosis["final"] and diagnosis["health"] == "critical"
+    (nan,) = [f for f in diagnosis["findings"] if f["kind"] == "nonfinite_gradients"]
+    assert nan["first_step"] == 2  # found by the first fit, kept by the resumed one
+    assert run.data.tags["trainwatch.health"] == "critical"
 
 
 @pytest.mark.parametrize("case", ["deleted", "another store"])

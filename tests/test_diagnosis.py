@@ -68,6 +68,26 @@ def test_nonfinite_origin_is_the_deepest_group_flagged_at_the_first_step():
     assert counts["train/findings_total"] == 2 and set(counts) == {f"train/findings/{k}" for k in KINDS} | {"train/findings_total"}
 
 
+def test_a_resumed_fit_carries_the_findings_of_the_steps_before_it():
+    """Resumed at step 6: the first fit's findings from before step 6 stay (a later one was logged by steps that are
+    trained again and is dropped); the same finding seen again extends the carried one instead of starting a new one."""
+    first = Diagnosis(ModelFacts(GROUPS))
+    arrays = {"nonfinite_first_step": np.array([3.0]), "nonfinite_first_groups": np.array([0.0, 1.0, 0.0])}
+    first.observe(4, {"train/nonfinite_steps": 1.0}, arrays)
+    first.observe(8, {"train_loss": math.nan}, {})
+    report = json.loads(json.dumps(first.to_json(final=False)))
+    assert {f["kind"] for f in report["findings"]} == {"nonfinite_gradients", "nonfinite_loss"}
+
+    resumed = Diagnosis(ModelFacts(GROUPS))
+    resumed.carry(report, before_step=6)
+    assert [(f.kind, f.group, f.first_step) for f in resumed.findings.values()] == [("nonfinite_gradients", "mid", 3)]
+    assert resumed.health == "critical" and resumed.counts()["train/findings_total"] == 1
+    again = {"nonfinite_first_step": np.array([9.0]), "nonfinite_first_groups": np.array([0.0, 1.0, 0.0])}
+    assert resumed.observe(10, {"train/nonfinite_steps": 1.0}, again) == []  # not new: the carried finding goes on
+    (carried,) = resumed.findings.values()
+    assert (carried.first_step, carried.last_step) == (3, 10)
+
+
 def test_exploding_counts_records_whatever_layer_is_worst():
     """A model-wide condition: the worst layer alternating between two layers must not restart the count."""
     d = Diagnosis(ModelFacts(GROUPS))

@@ -5,6 +5,7 @@ No maths (that is `capture` and `probes`) and no MLflow calls (that is the sink,
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -354,6 +355,8 @@ class TrainWatch(pl.Callback):
         module = trainer.lightning_module
         facts = model_facts(module, b.param_keys, b.act_names)
         diagnosis = Diagnosis(facts, self.diagnosis_thresholds) if self.diagnose else None
+        if diagnosis is not None and resumed and (earlier := self._earlier_diagnosis()) is not None:
+            diagnosis.carry(earlier, trainer.global_step)  # the first fit's findings stay in the run's diagnosis
         # a fit resumed into a run continues its tables' part numbers instead of overwriting them
         parts = next_parts({t: artifact_paths(self._client, self.run_id, f"{ARTIFACT_ROOT}/{t}") for t in TABLES}) if resumed else {}
         publisher = Publisher(list(b.param_names), list(b.act_names), diagnosis=diagnosis, first_parts=parts)
@@ -367,6 +370,14 @@ class TrainWatch(pl.Callback):
         self.sink.submit(groups_artifact(self.plan.to_json()))
         if self.system_metrics:
             self._monitor = start_system_metrics(self.run_id, uri, self.system_metrics_interval_s)
+
+    def _earlier_diagnosis(self) -> dict[str, Any] | None:
+        """The run's `diagnosis.json` from an earlier fit, if it has one."""
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                return json.loads(Path(self._client.download_artifacts(self.run_id, f"{ARTIFACT_ROOT}/diagnosis.json", tmp)).read_text())
+        except (MlflowException, OSError, ValueError):
+            return None
 
     def _own_run_id(self, uri: str) -> tuple[str, bool]:
         """(run id, resumed): the run of the checkpoint this fit resumes from, reopened, when it is at this tracking

@@ -155,6 +155,18 @@ class Diagnosis:
                 self._streak[key] = 0
         return fresh
 
+    def carry(self, report: Mapping[str, object], before_step: int) -> None:
+        """Take over the findings of an earlier fit of this run (its `diagnosis.json`) that began before
+        `before_step`, the step a resumed fit starts at: a finding of the first fit stays in the run's diagnosis,
+        and the same finding seen again extends it. Streaks start afresh."""
+        for item in report.get("findings", ()):  # type: ignore[union-attr]
+            finding = Finding(**{k: item[k] for k in ("kind", "severity", "group", "first_step", "last_step", "evidence", "advice")})
+            if finding.kind not in KINDS or finding.first_step >= before_step:
+                continue
+            finding.last_step = min(finding.last_step, before_step - 1)  # later steps were logged by a fit now undone
+            key = (finding.kind, "") if finding.kind in MODEL_WIDE else (finding.kind, finding.group)
+            self.findings.setdefault(key, finding)
+
     @staticmethod
     def _fed(metrics: Mapping[str, float], arrays: Mapping[str, np.ndarray]) -> set[str]:
         """The kinds whose rules this record had numbers for."""
