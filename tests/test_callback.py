@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import mlflow
@@ -390,9 +391,10 @@ def test_state_dict_keeps_the_probe_set_for_a_resumed_run(store, tmp_path):
 
 
 class Troubled(Classifier):
-    """NaN gradients at step 2, then a crash at step 6."""
+    """NaN gradients at step 2, then a crash at step 6; slow enough for system metrics to be sampled (every 0.2 s)."""
 
     def training_step(self, batch, batch_idx):
+        time.sleep(0.2)
         if self.global_step == 6:
             raise RuntimeError("node lost")
         loss = super().training_step(batch, batch_idx)
@@ -408,14 +410,16 @@ def test_a_fit_resumed_from_a_checkpoint_goes_on_in_its_own_run(store, tmp_path,
     pl.seed_everything(0)
     train, val = loaders(blobs(n=128), batch_size=16)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
-    first = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False, landscape_samples=0, on_nonfinite="skip_step")
+    system = dict(system_metrics=True, system_metrics_interval_s=0.2)
+    first = TrainWatch(every_n_steps=2, tracking_uri=store, landscape_samples=0, on_nonfinite="skip_step", **system)
     with pytest.raises(RuntimeError, match="node lost"):
         trainer(max_steps=8, callbacks=[first, saver], enable_checkpointing=True).fit(Troubled(mlp()), train, val)
     client = MlflowClient(store)
     assert client.get_run(first.run_id).info.status == "FAILED"
     (ckpt,) = [p for p in (tmp_path / "ckpt").iterdir() if "step=4" in p.name]
 
-    again = TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False, landscape_samples=0)
+    system_steps = sorted(m.step for m in client.get_metric_history(first.run_id, "system/cpu_utilization_percentage"))
+    again = TrainWatch(every_n_steps=1, tracking_uri=store, landscape_samples=0, **system)
     trainer(max_steps=8, callbacks=[again]).fit(Classifier(mlp()), train, val, ckpt_path=ckpt)
     client, run = _only_run(store)
     assert run.info.run_id == first.run_id == again.run_id
@@ -430,6 +434,8 @@ def test_a_fit_resumed_from_a_checkpoint_goes_on_in_its_own_run(store, tmp_path,
     assert not any("refused" in m or "spool" in m for m in said), said
     assert run.data.tags["trainwatch.weight_dist_init_from_step"] == "4"
     assert not (tmp_path / ".trainwatch" / "spool" / run.info.run_id).exists()  # everything delivered
+    both = [m.step for m in client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")]
+    assert system_steps and len(both) > len(system_steps) and len(set(both)) == len(both)  # the resumed fit's go on
     diagnosis = json.loads(Path(client.download_artifacts(run.info.run_id, "trainwatch/diagnosis.json", str(tmp_path))).read_text())
     assert diagnosis["final"] and diagnosis["health"] == "critical"
     (nan,) = [f for f in diagnosis["findings"] if f["kind"] == "nonfinite_gradients"]
@@ -437,7 +443,7 @@ def test_a_fit_resumed_from_a_checkpoint_goes_on_in_its_own_run(store, tmp_path,
     assert run.data.tags["trainwatch.health"] == "critical"
 
 
-@pytest.mark.parametrize("case", ["deleted", "another store"])
+@pytest.mark.parametrize("case", ["deleted", "another store", "another run name"])
 def test_a_resumed_fit_whose_run_is_gone_logs_to_a_new_run_and_says_why(store, tmp_path, caplog, case):
     train, val = loaders(blobs(n=64), batch_size=16)
     kwargs = dict(every_n_steps=1, system_metrics=False, landscape_samples=0, report=False)
@@ -445,12 +451,14 @@ def test_a_resumed_fit_whose_run_is_gone_logs_to_a_new_run_and_says_why(store, t
     t = trainer(max_steps=2, callbacks=[first])
     t.fit(Classifier(mlp()), train, val)
     t.save_checkpoint(tmp_path / "last.ckpt")
-    uri = store
+    uri, name = store, None
     if case == "deleted":
         MlflowClient(store).delete_run(first.run_id)
-    else:
+    elif case == "another store":
         uri = f"sqlite:///{tmp_path}/other.db"
-    again = TrainWatch(tracking_uri=uri, **kwargs)
+    else:  # how to start a new run from a checkpoint (fine-tuning, a sweep)
+        name = "fine-tune"
+    again = TrainWatch(tracking_uri=uri, run_name=name, **kwargs)
     trainer(max_steps=3, callbacks=[again]).fit(Classifier(mlp()), train, val, ckpt_path=tmp_path / "last.ckpt")
     assert again.run_id != first.run_id
     client = MlflowClient(uri)
@@ -458,7 +466,25 @@ def test_a_resumed_fit_whose_run_is_gone_logs_to_a_new_run_and_says_why(store, t
     assert sorted(_history(client, again.run_id, "grad_norm/net.0")) == [2]
     (said,) = [r.getMessage() for r in caplog.records if "is not continued" in r.getMessage()]
     assert first.run_id in said and again.run_id in said
-    assert "it is deleted at" in said if case == "deleted" else "other.db" in said
+    assert {"deleted": "it is deleted at", "another store": "other.db", "another run name": "this TrainWatch names its run 'fine-tune'"}[
+        case
+    ] in said
+
+
+def test_a_run_id_loaded_but_not_used_yet_stays_in_the_state_and_no_password_is_kept():
+    """A checkpoint saved between the restore and the start of training (a learning-rate finder) keeps the run to go
+    on in; the stored tracking URI leaves the password out."""
+    from trainwatch.sink import without_password
+
+    watch = TrainWatch()
+    run = {"tracking_uri": "http://mlflow:5000", "run_id": "abc"}
+    watch.load_state_dict({"probe_inputs": None, "run": run})
+    assert watch.state_dict()["run"] == run
+    watch.load_state_dict({"probe_inputs": None, "run": "garbage"})  # a malformed entry is not a run
+    assert "run" not in watch.state_dict()
+    assert without_password("postgresql://me:s3cret@db:5432/mlflow") == "postgresql://me@db:5432/mlflow"
+    assert without_password("https://:token@host/mlflow") == "https://host/mlflow"
+    assert without_password("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
 
 
 def test_lightning_cli_yaml_configures_trainwatch(store, tmp_path):

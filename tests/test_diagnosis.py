@@ -88,6 +88,21 @@ def test_a_resumed_fit_carries_the_findings_of_the_steps_before_it():
     assert (carried.first_step, carried.last_step) == (3, 10)
 
 
+@pytest.mark.parametrize(
+    ("report", "why"),
+    [
+        ([], "no list of findings"),
+        ({"findings": None}, "no list of findings"),
+        ({"findings": [{"kind": "nonfinite_loss", "severity": "critical"}]}, "without a valid 'group'"),
+        ({"findings": [{"kind": "nonfinite_loss", "severity": "dire", "group": "g", "first_step": 1, "last_step": 1}]}, "unknown"),
+    ],
+)
+def test_carry_refuses_what_is_not_a_diagnosis_and_takes_nothing_from_it(report, why):
+    d = Diagnosis(ModelFacts(GROUPS))
+    assert why in d.carry(report, before_step=6)
+    assert d.findings == {} and d.health == "ok"
+
+
 def test_exploding_counts_records_whatever_layer_is_worst():
     """A model-wide condition: the worst layer alternating between two layers must not restart the count."""
     d = Diagnosis(ModelFacts(GROUPS))

@@ -9,6 +9,7 @@ held up, every logged value reaches the server exactly once, one warning per out
 from __future__ import annotations
 
 import collections
+import io
 import json
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import requests
@@ -239,6 +241,42 @@ def test_server_never_back_spool_is_kept_and_trainwatch_sync_delivers_it(live_se
     assert stored_steps(client, run.info.run_id, "train_loss") == list(range(steps))
     assert run.data.params["trainwatch.every_n_steps"] == "1"
     assert "ops.jsonl" not in spool_files(spool_dir) and not any(n.startswith("blob-") for n in spool_files(spool_dir))
+
+
+def test_a_resumed_fit_delivers_the_first_fits_spool_before_its_own(live_server, tmp_path, recwarn):
+    """Fit 1 loses its server after step 1 and ends with its records, its table parts and its end status in the
+    spool. The server comes back and fit 2 resumes from fit 1's step-3 checkpoint into the same run: the spool goes
+    first, every step arrives (fit 1's, then fit 2's, each fit in its own table part), the run ends FINISHED and no
+    spool is left."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    loader = DataLoader(blobs(n=256), batch_size=32, shuffle=True)
+    kwargs = dict(
+        every_n_steps=1, tracking_uri=live_server.url, experiment_name="resume-spool", system_metrics=False,
+        spool_dir=str(tmp_path / "spool"), landscape_samples=0, report=False,
+    )  # fmt: skip
+    first = TrainWatch(**kwargs)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    pl.seed_everything(0)
+    callbacks = [first, Outage(live_server, first, stop_at=1), saver]
+    trainer(max_steps=4, callbacks=callbacks, enable_checkpointing=True).fit(Classifier(mlp()), loader)
+    spool_dir = tmp_path / "spool" / first.run_id
+    assert json.loads((spool_dir / "run.json").read_text())["end_status"] == "FINISHED"
+
+    live_server.start()
+    (ckpt,) = (tmp_path / "ckpt").iterdir()
+    again = TrainWatch(**kwargs)
+    trainer(max_steps=6, callbacks=[again]).fit(Classifier(mlp()), loader, ckpt_path=ckpt)
+    client = MlflowClient(live_server.url)
+    run = only_run(client, "resume-spool")
+    assert run.info.run_id == again.run_id == first.run_id
+    assert run.info.status == "FINISHED"
+    assert stored_steps(client, run.info.run_id, "grad_norm/net.0") == [0, 1, 2, 3, 3, 4, 5]
+    parts = sorted(f.path for f in client.list_artifacts(run.info.run_id, "trainwatch/stats/params"))
+    steps = [np.load(io.BytesIO(Path(client.download_artifacts(run.info.run_id, p, str(tmp_path))).read_bytes()))["step"] for p in parts]
+    assert [s.tolist() for s in steps] == [[0, 1, 2, 3], [3, 4, 5]]
+    assert not spool_dir.exists()
+    assert messages(recwarn, "could not be delivered") == []
 
 
 @pytest.mark.parametrize(

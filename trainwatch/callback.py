@@ -5,6 +5,7 @@ No maths (that is `capture` and `probes`) and no MLflow calls (that is the sink,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -50,6 +51,7 @@ from trainwatch.sink import (
     open_client,
     start_system_metrics,
     tracking_uri_of,
+    without_password,
 )
 from trainwatch.writer_process import ProcessWriter
 
@@ -234,6 +236,7 @@ class TrainWatch(pl.Callback):
         self._capture: Capture | None = None
         self._own_run = False
         self._resume_run: dict[str, str] | None = None  # the run of the checkpoint this fit resumes from
+        self._resumed = False  # this fit goes on in a run an earlier fit wrote to
         self._uri: str | None = None
         self._client: Any = None
         self._monitor: Any = None
@@ -282,10 +285,10 @@ class TrainWatch(pl.Callback):
         if stage != "fit":
             return
         self._reset()
-        if self._n(trainer) == 0:  # barebones=True or log_every_n_steps=0: the trainer logs nothing, so has no cadence to lend
+        if self._n(trainer) < 1:  # barebones=True or log_every_n_steps=0: the trainer logs nothing, so has no cadence to lend
             raise MisconfigurationException(
-                "`TrainWatch` takes its cadence from the trainer's `log_every_n_steps`, which is 0 here (no logging): "
-                "pass `TrainWatch(every_n_steps=N)`."
+                f"`TrainWatch` takes its cadence from the trainer's `log_every_n_steps`, which is {trainer.log_every_n_steps} "
+                "here (not a positive number of steps): pass `TrainWatch(every_n_steps=N)`."
             )
         try:
             self._setup_model(pl_module)
@@ -349,16 +352,36 @@ class TrainWatch(pl.Callback):
             except Exception as error:
                 raise MisconfigurationException(str(error)) from error
             self._own_run = True
+        self._resumed = resumed
+        try:
+            self._open_sink(trainer, uri)
+        except BaseException:
+            if self._own_run and self.sink is None:  # created or reopened above: not left RUNNING
+                with contextlib.suppress(Exception):
+                    end_run(self._client, self.run_id, "FAILED")
+            raise
+
+    def _open_sink(self, trainer: pl.Trainer, uri: str) -> None:
+        assert self.plan is not None and self.run_id is not None
         spool = Spool(Path(self.spool_dir or Path(".trainwatch") / "spool") / self.run_id)
+        waiting: list[str] = []  # artifact paths an earlier fit's undelivered ops will still write
+        if self._resumed and len(spool):
+            waiting = self._deliver_earlier_spool(spool)
         spool.write_meta(uri, self.run_id, report=self.report)
         b = bind(self.plan, trainer.lightning_module)
         module = trainer.lightning_module
         facts = model_facts(module, b.param_keys, b.act_names)
         diagnosis = Diagnosis(facts, self.diagnosis_thresholds) if self.diagnose else None
-        if diagnosis is not None and resumed and (earlier := self._earlier_diagnosis()) is not None:
-            diagnosis.carry(earlier, trainer.global_step)  # the first fit's findings stay in the run's diagnosis
+        if diagnosis is not None and self._resumed and (earlier := self._earlier_diagnosis()) is not None:
+            carried = diagnosis.carry(earlier, trainer.global_step)  # the first fit's findings stay in the run's diagnosis
+            if carried is not None:
+                log.warning("trainwatch: the run's earlier diagnosis.json is not usable (%s); its findings are not carried over.", carried)
         # a fit resumed into a run continues its tables' part numbers instead of overwriting them
-        parts = next_parts({t: artifact_paths(self._client, self.run_id, f"{ARTIFACT_ROOT}/{t}") for t in TABLES}) if resumed else {}
+        parts = {}
+        if self._resumed:
+            folders = {t: f"{ARTIFACT_ROOT}/{t}/" for t in TABLES}
+            held = {t: artifact_paths(self._client, self.run_id, folder.rstrip("/")) for t, folder in folders.items()}
+            parts = next_parts({t: held[t] + [p for p in waiting if p.startswith(folder)] for t, folder in folders.items()})
         publisher = Publisher(list(b.param_names), list(b.act_names), diagnosis=diagnosis, first_parts=parts)
         self._publisher = publisher
         writer = ProcessWriter(uri, self.run_id) if self.writer == "process" else MlflowWriter(self._client, self.run_id)
@@ -366,10 +389,32 @@ class TrainWatch(pl.Callback):
         self.sink.start()
         self.sink.submit(TagsOp((("trainwatch.version", __version__),)))
         params = {f"trainwatch.{k}": str(v) for k, v in self._params(trainer).items()}
-        self.sink.submit(ParamsOp(tuple(self._new_params(params).items() if resumed else params.items())))
+        self.sink.submit(ParamsOp(tuple(self._new_params(params).items())))
         self.sink.submit(groups_artifact(self.plan.to_json()))
         if self.system_metrics:
-            self._monitor = start_system_metrics(self.run_id, uri, self.system_metrics_interval_s)
+            self._monitor = start_system_metrics(self.run_id, uri, self.system_metrics_interval_s, resume=self._resumed)
+
+    def _deliver_earlier_spool(self, spool: Spool) -> list[str]:
+        """Deliver what an earlier fit of this run left in its spool (its server was unreachable), before this fit
+        writes anything. What the server still does not take is moved aside, for `trainwatch sync`, with the run's
+        end status removed (this fit ends the run); returns the artifact paths it will write, whose part numbers
+        this fit must not reuse."""
+        writer = MlflowWriter(self._client, self.run_id)
+        try:
+            spool.replay(writer)
+        except Exception as error:  # noqa: BLE001 - the rest stays in the spool
+            log.warning("trainwatch: MLflow did not take the earlier fit's spooled operations (%s: %s).", type(error).__name__, error)
+        if not len(spool):
+            return []
+        aside = Spool(spool.directory.with_name(f"{spool.directory.name}-{int(time.time() * 1000)}"))
+        spool.directory.rename(aside.directory)
+        meta = aside.read_meta()
+        aside.write_meta(meta["tracking_uri"], meta["run_id"])
+        log.warning(
+            "trainwatch: %d operations of an earlier fit of run %s could not be delivered; they wait in %s: deliver them "
+            "with `trainwatch sync %s`.", len(aside), self.run_id, aside.directory, aside.directory,
+        )  # fmt: skip
+        return aside.artifact_paths()
 
     def _earlier_diagnosis(self) -> dict[str, Any] | None:
         """The run's `diagnosis.json` from an earlier fit, if it has one."""
@@ -381,29 +426,44 @@ class TrainWatch(pl.Callback):
 
     def _own_run_id(self, uri: str) -> tuple[str, bool]:
         """(run id, resumed): the run of the checkpoint this fit resumes from, reopened, when it is at this tracking
-        URI and not deleted; otherwise a new run, with a warning that says why when there was one."""
+        URI, in this experiment, not deleted and (with `run_name=`) so named; otherwise a new run, with a warning
+        that says why when there was one. A different `experiment_name` or `run_name` thus starts a new run."""
         resume, self._resume_run = self._resume_run, None
-        if resume is not None:
-            run_id, then = resume["run_id"], resume["tracking_uri"]
-            why = f"it was logged to {then!r}, and this fit logs to {uri!r}"
-            if then == uri:
-                try:
-                    stage = self._client.get_run(run_id).info.lifecycle_stage
-                    why = f"it is {stage} at {uri!r}"
-                except MlflowException as error:
-                    stage, why = None, f"{uri!r} does not have it ({str(error)[:200]})"
-                if stage == "active":
-                    self._client.update_run(run_id, status="RUNNING")
-                    log.info("trainwatch: the resumed fit goes on in run %s.", run_id)
-                    return run_id, True
-            new = create_run(self._client, self.experiment_name, self.run_name)
-            log.warning("trainwatch: the checkpoint's run %s is not continued (%s); this fit logs to a new run, %s.", run_id, why, new)
-            return new, False
-        return create_run(self._client, self.experiment_name, self.run_name), False
+        if resume is None:
+            return create_run(self._client, self.experiment_name, self.run_name), False
+        run_id = resume["run_id"]
+        why = self._why_not_continued(resume, uri)
+        if why is None:
+            self._client.update_run(run_id, status="RUNNING")
+            log.info("trainwatch: the resumed fit goes on in run %s.", run_id)
+            return run_id, True
+        new = create_run(self._client, self.experiment_name, self.run_name)
+        log.warning("trainwatch: the checkpoint's run %s is not continued (%s); this fit logs to a new run, %s.", run_id, why, new)
+        return new, False
+
+    def _why_not_continued(self, resume: dict[str, str], uri: str) -> str | None:
+        """None if the checkpoint's run can go on; else why not."""
+        then, now = resume["tracking_uri"], without_password(uri)
+        if then != now:
+            return f"it was logged to {then!r}, and this fit logs to {now!r}"
+        try:
+            run = self._client.get_run(resume["run_id"])
+            experiment = self._client.get_experiment(run.info.experiment_id).name
+        except MlflowException as error:
+            return f"{now!r} does not have it ({str(error)[:200]})"
+        if run.info.lifecycle_stage != "active":
+            return f"it is {run.info.lifecycle_stage} at {now!r}"
+        if experiment != self.experiment_name:
+            return f"it is in the experiment {experiment!r}, and this TrainWatch logs to {self.experiment_name!r}"
+        if self.run_name is not None and run.info.run_name != self.run_name:
+            return f"it is named {run.info.run_name!r}, and this TrainWatch names its run {self.run_name!r}"
+        return None
 
     def _new_params(self, params: dict[str, str]) -> dict[str, str]:
         """The params a resumed run does not hold yet. MLflow refuses to change a param: a changed setting (say,
         `every_n_steps`) keeps the first fit's value, with a warning."""
+        if not self._resumed:
+            return params
         held = self._client.get_run(self.run_id).data.params
         for key in sorted(k for k in params if k in held and held[k] != params[k]):
             log.warning(
@@ -508,7 +568,9 @@ class TrainWatch(pl.Callback):
         metrics = landscape.metrics(spec.sharpness_radius).items()
         packer.host_metrics.update({f"landscape/{spec.name}/{k}": v for k, v in metrics if math.isfinite(v)})  # as the job does
         self.sink.submit(packer.ship())
-        self.sink.submit(ParamsOp(tuple((f"landscape/{spec.name}/{k}", str(v)) for k, v in spec.settings().items())))
+        self.sink.submit(
+            ParamsOp(tuple(self._new_params({f"landscape/{spec.name}/{k}": str(v) for k, v in spec.settings().items()}).items()))
+        )
 
     def _export_model(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Log the module class and a weights-only checkpoint (every rank calls: saving is a collective)."""
@@ -766,7 +828,9 @@ class TrainWatch(pl.Callback):
         """The probe batch, and our own run (a resumed fit goes on in it)."""
         state: dict[str, Any] = {"probe_inputs": None if self._probe_inputs is None else self._probe_inputs.detach().cpu()}
         if self._own_run:
-            state["run"] = {"tracking_uri": self._uri, "run_id": self.run_id}
+            state["run"] = {"tracking_uri": without_password(self._uri or ""), "run_id": self.run_id}
+        elif self._resume_run is not None:  # loaded, not used yet (say, a learning-rate finder saved in between)
+            state["run"] = self._resume_run
         return state
 
     @override
@@ -775,4 +839,5 @@ class TrainWatch(pl.Callback):
         and goes on in the first one's own run."""
         if self.probe_batch is None:
             self._probe_inputs = state_dict.get("probe_inputs")
-        self._resume_run = state_dict.get("run")
+        run = state_dict.get("run")
+        self._resume_run = run if isinstance(run, dict) and {"run_id", "tracking_uri"} <= run.keys() else None

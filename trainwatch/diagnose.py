@@ -155,17 +155,33 @@ class Diagnosis:
                 self._streak[key] = 0
         return fresh
 
-    def carry(self, report: Mapping[str, object], before_step: int) -> None:
+    def carry(self, report: object, before_step: int) -> str | None:
         """Take over the findings of an earlier fit of this run (its `diagnosis.json`) that began before
         `before_step`, the step a resumed fit starts at: a finding of the first fit stays in the run's diagnosis,
-        and the same finding seen again extends it. Streaks start afresh."""
-        for item in report.get("findings", ()):  # type: ignore[union-attr]
-            finding = Finding(**{k: item[k] for k in ("kind", "severity", "group", "first_step", "last_step", "evidence", "advice")})
-            if finding.kind not in KINDS or finding.first_step >= before_step:
-                continue
-            finding.last_step = min(finding.last_step, before_step - 1)  # later steps were logged by a fit now undone
+        and the same finding seen again extends it. Streaks start afresh. Returns what was wrong with `report`
+        when it is not a diagnosis (nothing is taken over then), else None."""
+        items = report.get("findings") if isinstance(report, dict) else None
+        if not isinstance(items, list):
+            return "no list of findings"
+        carried = []
+        for item in items:
+            try:
+                finding = Finding(
+                    kind=str(item["kind"]), severity=str(item["severity"]), group=str(item["group"]),
+                    first_step=int(item["first_step"]), last_step=int(item["last_step"]),
+                    evidence=dict(item.get("evidence") or {}), advice=str(item.get("advice") or ""),
+                )  # fmt: skip
+            except (KeyError, TypeError, ValueError, AttributeError) as error:
+                return f"a finding without a valid {error}"
+            if finding.kind not in KINDS or finding.severity not in SEVERITY_RANK:
+                return f"a finding of unknown kind or severity: {finding.kind!r}, {finding.severity!r}"
+            if finding.first_step < before_step:
+                finding.last_step = min(finding.last_step, before_step - 1)  # later steps were logged by a fit now undone
+                carried.append(finding)
+        for finding in carried:
             key = (finding.kind, "") if finding.kind in MODEL_WIDE else (finding.kind, finding.group)
             self.findings.setdefault(key, finding)
+        return None
 
     @staticmethod
     def _fed(metrics: Mapping[str, float], arrays: Mapping[str, np.ndarray]) -> set[str]:

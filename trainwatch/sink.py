@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -45,6 +46,16 @@ def use_short_http_timeouts() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", HTTP_RETRIES)
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+
+
+def without_password(uri: str) -> str:
+    """`uri` with the password of its user part left out (`postgresql://me:secret@db/mlflow` → `postgresql://me@db/mlflow`),
+    for what is stored beside a run (a checkpoint travels further than a secret should)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}@{host}" if parts.username else host))
 
 
 def absolute_sqlite_uri(uri: str) -> str:
@@ -143,13 +154,14 @@ def tracking_uri_of(client: MlflowClient) -> str:
     return client._tracking_client.tracking_uri
 
 
-def start_system_metrics(run_id: str, tracking_uri: str, interval_s: float) -> object | None:
+def start_system_metrics(run_id: str, tracking_uri: str, interval_s: float, resume: bool = False) -> object | None:
     """MLflow's own system-metrics monitor (CPU, RAM, disk, network; GPU with nvidia-ml-py) on `run_id`,
-    in its own thread; None if it cannot start (it then never affects training)."""
+    in its own thread; None if it cannot start (it then never affects training). `resume`: the run holds an earlier
+    fit's system metrics, whose steps go on rather than start again at 0."""
     try:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, tracking_uri=tracking_uri)
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=resume, tracking_uri=tracking_uri)
         monitor.start()
         return monitor
     except Exception as error:  # noqa: BLE001
@@ -239,6 +251,20 @@ class Spool:
         if not path.exists():
             raise FileNotFoundError(f"{self.directory} is not a trainwatch spool: it has no run.json.")
         return json.loads(path.read_text())
+
+    def artifact_paths(self) -> list[str]:
+        """The artifact paths the spooled ops will write (unreadable entries left out)."""
+        if not self.index.exists():
+            return []
+        paths = []
+        for line in self.index.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("op") == "artifact":
+                paths.append(str(entry.get("path")))
+        return paths
 
     def remove_if_delivered(self) -> bool:
         """Remove the spool directory if no op waits in it (only `run.json` is left); True if it is gone."""
