@@ -132,6 +132,59 @@ def test_server_answering_500_to_everything_fails_at_setup_after_a_bounded_numbe
 # --- 2. an artifact store that refuses writes -------------------------------------------------------------
 
 
+def test_a_fit_resumed_while_the_artifact_store_refuses_keeps_both_fits_tables_apart(tmp_path, monkeypatch, caplog):
+    """Fit 1's artifacts wait in its spool (the store refuses them) when fit 2 resumes into the run, and the store
+    still refuses them: they move to a spool of their own, without the run's end status (fit 2 ends the run), and
+    fit 2 numbers its table parts after the ones waiting there. Once the store works, `trainwatch sync` of both
+    spools delivers both fits' parts, none overwriting another, and the run ends as fit 2 did."""
+    import io
+
+    import numpy as np
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.WARNING, logger="trainwatch")
+    server = MlflowServer(tmp_path / "server")
+    destination = server.root / "artifacts"
+    destination.write_text("a file where the artifact directory should be\n")
+    try:
+        server.start()
+        kwargs = dict(
+            every_n_steps=2, tracking_uri=server.url, experiment_name="resume-refused", system_metrics=False, landscape_samples=0,
+            report=False, spool_dir=str(tmp_path / "spool"),
+        )  # fmt: skip
+        first = TrainWatch(**kwargs)
+        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+        pl.seed_everything(0, verbose=False)
+        train, val = loaders(blobs())
+        trainer(max_steps=6, callbacks=[first, saver], enable_checkpointing=True).fit(Classifier(mlp()), train, val)
+        run_id = first.run_id
+        (ckpt,) = (tmp_path / "ckpt").iterdir()
+        again = TrainWatch(**kwargs)
+        trainer(max_steps=8, callbacks=[again]).fit(Classifier(mlp()), train, val, ckpt_path=ckpt)
+        assert again.run_id == run_id
+
+        (aside,) = [d for d in (tmp_path / "spool").iterdir() if d.name.startswith(f"{run_id}-")]
+        assert json.loads((aside / "run.json").read_text())["end_status"] is None
+        assert json.loads((tmp_path / "spool" / run_id / "run.json").read_text())["end_status"] == "FINISHED"
+        (said,) = [r.getMessage() for r in caplog.records if "could not be delivered" in r.getMessage()]
+        assert f"trainwatch sync {aside}" in said
+
+        destination.unlink()
+        destination.mkdir()
+        server.restart()
+        for spool in (aside, tmp_path / "spool" / run_id):
+            done = subprocess.run([str(TRAINWATCH), "sync", str(spool)], capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, done.stdout + done.stderr
+        client = MlflowClient(server.url)
+        assert client.get_run(run_id).info.status == "FINISHED"
+        parts = sorted(f.path for f in client.list_artifacts(run_id, "trainwatch/stats/params"))
+        steps = [np.load(io.BytesIO(Path(client.download_artifacts(run_id, p, str(tmp_path / "dl"))).read_bytes()))["step"] for p in parts]
+        assert [s.tolist() for s in steps] == [[0, 2, 4], [4, 6]]  # fit 1's part, then fit 2's: neither overwritten
+    finally:
+        server.stop()
+
+
 def test_artifact_store_refusing_writes_keeps_artifacts_in_the_spool_until_sync(tmp_path, monkeypatch, recwarn, caplog):
     """The destination of the server's artifacts is a regular file (running as root, permissions would not stop
     the server): the tracking API works, every artifact upload fails with a 500. Metrics, params and tags must

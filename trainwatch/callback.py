@@ -362,6 +362,8 @@ class TrainWatch(pl.Callback):
             raise
 
     def _open_sink(self, trainer: pl.Trainer, uri: str) -> None:
+        """The spool (an earlier fit's delivered first), the publisher (its diagnosis and table parts going on from
+        an earlier fit's) and the sink, with the run's tags, params and group mapping."""
         assert self.plan is not None and self.run_id is not None
         spool = Spool(Path(self.spool_dir or Path(".trainwatch") / "spool") / self.run_id)
         waiting: list[str] = []  # artifact paths an earlier fit's undelivered ops will still write
