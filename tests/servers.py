@@ -112,3 +112,13 @@ class MlflowServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def table_steps(client, run_id: str, table: str, directory: Path) -> list[list[int]]:
+    """The steps of each part of trainwatch's table `table` (say "stats/params") in a run, in part order."""
+    import io
+
+    import numpy as np
+
+    parts = sorted(f.path for f in client.list_artifacts(run_id, f"trainwatch/{table}"))
+    return [np.load(io.BytesIO(Path(client.download_artifacts(run_id, p, str(directory))).read_bytes()))["step"].tolist() for p in parts]

@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from tests.models import Classifier, StepCounter, blobs, loaders, mlp, trainer
-from tests.servers import MlflowServer
+from tests.servers import MlflowServer, table_steps
 from trainwatch import TrainWatch
 from trainwatch.sink import HTTP_RETRIES, HTTP_TIMEOUT_S
 
@@ -105,6 +105,30 @@ def server_500() -> Iterator[ThreadingHTTPServer]:
         thread.join(10)
 
 
+@pytest.fixture
+def refusing_store(tmp_path) -> Iterator[RefusingStore]:
+    """A real server whose artifact destination is a regular file (running as root, permissions would not stop the
+    server): the tracking API works, every artifact upload fails with a 500, until `store_again()`."""
+    store = RefusingStore(MlflowServer(tmp_path / "server"))
+    store.destination.write_text("a file where the artifact directory should be\n")
+    try:
+        store.server.start()
+        yield store
+    finally:
+        store.server.stop()
+
+
+class RefusingStore:
+    def __init__(self, server: MlflowServer) -> None:
+        self.server, self.destination = server, server.root / "artifacts"
+
+    def store_again(self) -> None:
+        """The destination fixed (a directory now) and the server restarted."""
+        self.destination.unlink()
+        self.destination.mkdir()
+        self.server.restart()
+
+
 def test_server_answering_500_to_everything_fails_at_setup_after_a_bounded_number_of_requests(server_500, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"http://127.0.0.1:{server_500.server_address[1]}"
@@ -132,129 +156,108 @@ def test_server_answering_500_to_everything_fails_at_setup_after_a_bounded_numbe
 # --- 2. an artifact store that refuses writes -------------------------------------------------------------
 
 
-def test_a_fit_resumed_while_the_artifact_store_refuses_keeps_both_fits_tables_apart(tmp_path, monkeypatch, caplog):
+def test_a_fit_resumed_while_the_artifact_store_refuses_keeps_both_fits_tables_apart(refusing_store, tmp_path, monkeypatch, caplog):
     """Fit 1's artifacts wait in its spool (the store refuses them) when fit 2 resumes into the run, and the store
     still refuses them: they move to a spool of their own, without the run's end status (fit 2 ends the run), and
     fit 2 numbers its table parts after the ones waiting there. Once the store works, `trainwatch sync` of both
     spools delivers both fits' parts, none overwriting another, and the run ends as fit 2 did."""
-    import io
-
-    import numpy as np
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     monkeypatch.chdir(tmp_path)
     caplog.set_level(logging.WARNING, logger="trainwatch")
-    server = MlflowServer(tmp_path / "server")
-    destination = server.root / "artifacts"
-    destination.write_text("a file where the artifact directory should be\n")
-    try:
-        server.start()
-        kwargs = dict(
-            every_n_steps=2, tracking_uri=server.url, experiment_name="resume-refused", system_metrics=False, landscape_samples=0,
-            report=False, spool_dir=str(tmp_path / "spool"),
-        )  # fmt: skip
-        first = TrainWatch(**kwargs)
-        saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
-        pl.seed_everything(0, verbose=False)
-        train, val = loaders(blobs())
-        trainer(max_steps=6, callbacks=[first, saver], enable_checkpointing=True).fit(Classifier(mlp()), train, val)
-        run_id = first.run_id
-        (ckpt,) = (tmp_path / "ckpt").iterdir()
-        again = TrainWatch(**kwargs)
-        trainer(max_steps=8, callbacks=[again]).fit(Classifier(mlp()), train, val, ckpt_path=ckpt)
-        assert again.run_id == run_id
+    server = refusing_store.server
+    kwargs = dict(
+        every_n_steps=2, tracking_uri=server.url, experiment_name="resume-refused", system_metrics=False, landscape_samples=0,
+        report=False, spool_dir=str(tmp_path / "spool"),
+    )  # fmt: skip
+    first = TrainWatch(**kwargs)
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+    pl.seed_everything(0, verbose=False)
+    train, val = loaders(blobs())
+    trainer(max_steps=6, callbacks=[first, saver], enable_checkpointing=True).fit(Classifier(mlp()), train, val)
+    run_id = first.run_id
+    (ckpt,) = (tmp_path / "ckpt").iterdir()
+    again = TrainWatch(**kwargs)
+    trainer(max_steps=8, callbacks=[again]).fit(Classifier(mlp()), train, val, ckpt_path=ckpt)
+    assert again.run_id == run_id
 
-        (aside,) = [d for d in (tmp_path / "spool").iterdir() if d.name.startswith(f"{run_id}-")]
-        assert json.loads((aside / "run.json").read_text())["end_status"] is None
-        assert json.loads((tmp_path / "spool" / run_id / "run.json").read_text())["end_status"] == "FINISHED"
-        (said,) = [r.getMessage() for r in caplog.records if "could not be delivered" in r.getMessage()]
-        assert f"trainwatch sync {aside}" in said
+    (aside,) = [d for d in (tmp_path / "spool").iterdir() if d.name.startswith(f"{run_id}-")]
+    assert json.loads((aside / "run.json").read_text())["end_status"] is None
+    assert json.loads((tmp_path / "spool" / run_id / "run.json").read_text())["end_status"] == "FINISHED"
+    (said,) = [r.getMessage() for r in caplog.records if "could not be delivered" in r.getMessage()]
+    assert f"trainwatch sync {aside}" in said
 
-        destination.unlink()
-        destination.mkdir()
-        server.restart()
-        for spool in (aside, tmp_path / "spool" / run_id):
-            done = subprocess.run([str(TRAINWATCH), "sync", str(spool)], capture_output=True, text=True, timeout=300)
-            assert done.returncode == 0, done.stdout + done.stderr
-        client = MlflowClient(server.url)
-        assert client.get_run(run_id).info.status == "FINISHED"
-        parts = sorted(f.path for f in client.list_artifacts(run_id, "trainwatch/stats/params"))
-        steps = [np.load(io.BytesIO(Path(client.download_artifacts(run_id, p, str(tmp_path / "dl"))).read_bytes()))["step"] for p in parts]
-        assert [s.tolist() for s in steps] == [[0, 2, 4], [4, 6]]  # fit 1's part, then fit 2's: neither overwritten
-    finally:
-        server.stop()
+    refusing_store.store_again()
+    for spool in (aside, tmp_path / "spool" / run_id):
+        done = subprocess.run([str(TRAINWATCH), "sync", str(spool)], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+    client = MlflowClient(server.url)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert table_steps(client, run_id, "stats/params", tmp_path) == [[0, 2, 4], [4, 6]]  # fit 1's part, then fit 2's: neither overwritten
 
 
-def test_artifact_store_refusing_writes_keeps_artifacts_in_the_spool_until_sync(tmp_path, monkeypatch, recwarn, caplog):
+def test_artifact_store_refusing_writes_keeps_artifacts_in_the_spool_until_sync(refusing_store, tmp_path, monkeypatch, recwarn, caplog):
     """The destination of the server's artifacts is a regular file (running as root, permissions would not stop
-    the server): the tracking API works, every artifact upload fails with a 500. Metrics, params and tags must
+    the server, `refusing_store`): the tracking API works, every artifact upload fails with a 500. Metrics, params and tags must
     arrive during training; artifacts and images wait in the spool (one warning while training, one at the end
     with the `trainwatch sync` hint) and `trainwatch sync` delivers them once the destination is fixed."""
     monkeypatch.chdir(tmp_path)
     caplog.set_level(logging.WARNING, logger="trainwatch")
-    server = MlflowServer(tmp_path / "server")
-    destination = server.root / "artifacts"
-    destination.write_text("a file where the artifact directory should be\n")
+    server = refusing_store.server
     steps = 40
-    try:
-        server.start()
-        watch = TrainWatch(
-            every_n_steps=2, tracking_uri=server.url, experiment_name="no-artifacts", system_metrics=False, landscape_samples=0,
-            report=False, spool_dir=str(tmp_path / "spool"),
-        )  # fmt: skip
-        t = fit(watch, steps=steps)
+    watch = TrainWatch(
+        every_n_steps=2, tracking_uri=server.url, experiment_name="no-artifacts", system_metrics=False, landscape_samples=0,
+        report=False, spool_dir=str(tmp_path / "spool"),
+    )  # fmt: skip
+    t = fit(watch, steps=steps)
 
-        assert t.state.finished and t.global_step == steps
-        client = MlflowClient(server.url)
-        run_id = watch.run_id
-        assert run_id is not None
-        for layer in LAYERS:  # metrics all arrived, during training, although no artifact did
-            assert stored_steps(client, run_id, f"grad_norm/{layer}") == list(range(0, steps, 2))
-        assert set(range(0, steps, 2)) <= set(stored_steps(client, run_id, "train_loss"))  # and at validation ends
-        assert stored_steps(client, run_id, "val_loss")
-        run = client.get_run(run_id)
-        assert run.data.params["trainwatch.every_n_steps"] == "2"
-        assert "trainwatch.version" in run.data.tags
-        assert client.list_artifacts(run_id) == []
-        assert run.info.status == "RUNNING"  # it ends when the rest is delivered
+    assert t.state.finished and t.global_step == steps
+    client = MlflowClient(server.url)
+    run_id = watch.run_id
+    assert run_id is not None
+    for layer in LAYERS:  # metrics all arrived, during training, although no artifact did
+        assert stored_steps(client, run_id, f"grad_norm/{layer}") == list(range(0, steps, 2))
+    assert set(range(0, steps, 2)) <= set(stored_steps(client, run_id, "train_loss"))  # and at validation ends
+    assert stored_steps(client, run_id, "val_loss")
+    run = client.get_run(run_id)
+    assert run.data.params["trainwatch.every_n_steps"] == "2"
+    assert "trainwatch.version" in run.data.tags
+    assert client.list_artifacts(run_id) == []
+    assert run.info.status == "RUNNING"  # it ends when the rest is delivered
 
-        # nothing lost: the artifacts and images wait in the spool, in order, with the run's final status
-        (spool_dir,) = (tmp_path / "spool").iterdir()
-        kept = [json.loads(line) for line in (spool_dir / "ops.jsonl").read_text().splitlines()]
-        assert {entry["op"] for entry in kept} == {"artifact", "image"}
-        latest = {entry["path"]: (spool_dir / entry["blob"]).read_bytes() for entry in kept if entry["op"] == "artifact"}
-        assert {"trainwatch/groups.json", "trainwatch/model/architecture.json", "trainwatch/diagnosis.json"} <= set(latest)
-        meta = json.loads((spool_dir / "run.json").read_text())
-        ended = meta.pop("end_time_ms")  # when training ended: the run's end time once sync delivers the rest
-        assert meta == {"tracking_uri": server.url, "run_id": run_id, "end_status": "FINISHED", "report": False}
-        assert len(messages(recwarn, "answers but did not store")) == 1, messages(recwarn, "trainwatch")
-        (closing,) = messages(recwarn, "Deliver them once its artifact store works")
-        assert f"trainwatch sync {spool_dir}" in closing and f"did not store {len(kept)} artifacts/images" in closing
-        assert messages(recwarn, "unreachable") == [] and messages(recwarn, "cannot write") == []  # not an outage
-        assert f"trainwatch sync {spool_dir}" in caplog.text
+    # nothing lost: the artifacts and images wait in the spool, in order, with the run's final status
+    (spool_dir,) = (tmp_path / "spool").iterdir()
+    kept = [json.loads(line) for line in (spool_dir / "ops.jsonl").read_text().splitlines()]
+    assert {entry["op"] for entry in kept} == {"artifact", "image"}
+    latest = {entry["path"]: (spool_dir / entry["blob"]).read_bytes() for entry in kept if entry["op"] == "artifact"}
+    assert {"trainwatch/groups.json", "trainwatch/model/architecture.json", "trainwatch/diagnosis.json"} <= set(latest)
+    meta = json.loads((spool_dir / "run.json").read_text())
+    ended = meta.pop("end_time_ms")  # when training ended: the run's end time once sync delivers the rest
+    assert meta == {"tracking_uri": server.url, "run_id": run_id, "end_status": "FINISHED", "report": False}
+    assert len(messages(recwarn, "answers but did not store")) == 1, messages(recwarn, "trainwatch")
+    (closing,) = messages(recwarn, "Deliver them once its artifact store works")
+    assert f"trainwatch sync {spool_dir}" in closing and f"did not store {len(kept)} artifacts/images" in closing
+    assert messages(recwarn, "unreachable") == [] and messages(recwarn, "cannot write") == []  # not an outage
+    assert f"trainwatch sync {spool_dir}" in caplog.text
 
-        # sync while the store still refuses: an error, and the spool is left as it was
-        refused = subprocess.run([str(TRAINWATCH), "sync", str(spool_dir)], capture_output=True, text=True, timeout=300)
-        assert refused.returncode == 1, refused.stdout + refused.stderr
-        assert "still refuses" in refused.stderr and f"trainwatch sync {spool_dir}" in refused.stderr
-        assert "were delivered and left the spool" in refused.stderr and "Nothing was removed" not in refused.stderr
-        assert len((spool_dir / "ops.jsonl").read_text().splitlines()) == len(kept)
+    # sync while the store still refuses: an error, and the spool is left as it was
+    refused = subprocess.run([str(TRAINWATCH), "sync", str(spool_dir)], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert "still refuses" in refused.stderr and f"trainwatch sync {spool_dir}" in refused.stderr
+    assert "were delivered and left the spool" in refused.stderr and "Nothing was removed" not in refused.stderr
+    assert len((spool_dir / "ops.jsonl").read_text().splitlines()) == len(kept)
 
-        # the destination fixed (a directory now) and the server restarted: sync delivers everything once
-        destination.unlink()
-        destination.mkdir()
-        server.restart()
-        done = subprocess.run([str(TRAINWATCH), "sync", str(spool_dir)], capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        assert f"delivered {len(kept)} spooled operations" in done.stdout
-        client = MlflowClient(server.url)
-        assert (client.get_run(run_id).info.status, client.get_run(run_id).info.end_time) == ("FINISHED", ended)
-        for path, data in latest.items():  # the latest version of each file, where it was submitted twice
-            assert Path(client.download_artifacts(run_id, path, str(tmp_path / "download"))).read_bytes() == data, path
-        assert any(f.path == "images" for f in client.list_artifacts(run_id))
-        assert not spool_dir.exists()  # delivered, blobs included: the spool is gone
-    finally:
-        server.stop()
+    # the destination fixed (a directory now) and the server restarted: sync delivers everything once
+    refusing_store.store_again()
+    done = subprocess.run([str(TRAINWATCH), "sync", str(spool_dir)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"delivered {len(kept)} spooled operations" in done.stdout
+    client = MlflowClient(server.url)
+    assert (client.get_run(run_id).info.status, client.get_run(run_id).info.end_time) == ("FINISHED", ended)
+    for path, data in latest.items():  # the latest version of each file, where it was submitted twice
+        assert Path(client.download_artifacts(run_id, path, str(tmp_path / "download"))).read_bytes() == data, path
+    assert any(f.path == "images" for f in client.list_artifacts(run_id))
+    assert not spool_dir.exists()  # delivered, blobs included: the spool is gone
 
 
 # --- 3. wrong credentials on a basic-auth server ----------------------------------------------------------

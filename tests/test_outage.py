@@ -9,7 +9,6 @@ held up, every logged value reaches the server exactly once, one warning per out
 from __future__ import annotations
 
 import collections
-import io
 import json
 import subprocess
 import sys
@@ -18,7 +17,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import requests
@@ -27,7 +25,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from tests.models import Classifier, StepCounter, blobs, mlp, trainer
-from tests.servers import MlflowServer, free_port
+from tests.servers import MlflowServer, free_port, table_steps
 from trainwatch import TrainWatch
 
 pytestmark = pytest.mark.slow
@@ -272,9 +270,7 @@ def test_a_resumed_fit_delivers_the_first_fits_spool_before_its_own(live_server,
     assert run.info.run_id == again.run_id == first.run_id
     assert run.info.status == "FINISHED"
     assert stored_steps(client, run.info.run_id, "grad_norm/net.0") == [0, 1, 2, 3, 3, 4, 5]
-    parts = sorted(f.path for f in client.list_artifacts(run.info.run_id, "trainwatch/stats/params"))
-    steps = [np.load(io.BytesIO(Path(client.download_artifacts(run.info.run_id, p, str(tmp_path))).read_bytes()))["step"] for p in parts]
-    assert [s.tolist() for s in steps] == [[0, 1, 2, 3], [3, 4, 5]]
+    assert table_steps(client, run.info.run_id, "stats/params", tmp_path) == [[0, 1, 2, 3], [3, 4, 5]]
     assert not spool_dir.exists()
     assert messages(recwarn, "could not be delivered") == []
 

@@ -345,14 +345,13 @@ class TrainWatch(pl.Callback):
         (new, or the resumed checkpoint's), then the spool, the publisher and the sink."""
         uri = self._uri
         assert uri is not None and self.plan is not None
-        resumed = self.run_id is not None  # the logger's run may hold a first fit
+        self._resumed = self.run_id is not None  # the logger's run may hold a first fit
         if self.run_id is None:
             try:
-                self.run_id, resumed = self._own_run_id(uri)
+                self.run_id, self._resumed = self._own_run_id(uri)
             except Exception as error:
                 raise MisconfigurationException(str(error)) from error
             self._own_run = True
-        self._resumed = resumed
         try:
             self._open_sink(trainer, uri)
         except BaseException:
@@ -378,12 +377,12 @@ class TrainWatch(pl.Callback):
             carried = diagnosis.carry(earlier, trainer.global_step)  # the first fit's findings stay in the run's diagnosis
             if carried is not None:
                 log.warning("trainwatch: the run's earlier diagnosis.json is not usable (%s); its findings are not carried over.", carried)
+
         # a fit resumed into a run continues its tables' part numbers instead of overwriting them
-        parts = {}
-        if self._resumed:
-            folders = {t: f"{ARTIFACT_ROOT}/{t}/" for t in TABLES}
-            held = {t: artifact_paths(self._client, self.run_id, folder.rstrip("/")) for t, folder in folders.items()}
-            parts = next_parts({t: held[t] + [p for p in waiting if p.startswith(folder)] for t, folder in folders.items()})
+        def paths_in(folder: str) -> list[str]:
+            return artifact_paths(self._client, self.run_id, folder) + [p for p in waiting if p.startswith(folder + "/")]
+
+        parts = next_parts({t: paths_in(f"{ARTIFACT_ROOT}/{t}") for t in TABLES}) if self._resumed else {}
         publisher = Publisher(list(b.param_names), list(b.act_names), diagnosis=diagnosis, first_parts=parts)
         self._publisher = publisher
         writer = ProcessWriter(uri, self.run_id) if self.writer == "process" else MlflowWriter(self._client, self.run_id)
