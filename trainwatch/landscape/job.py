@@ -205,22 +205,19 @@ def _device(name: str, rank: int = 0, world: int = 1) -> torch.device:
 
 
 def _spawn(spec: LandscapeSpec, progress: Callable[[str], None] | None) -> Landscape:
-    """Start `spec.devices` processes on one machine (torch.multiprocessing + a TCP rendezvous on loopback)."""
-    import socket
-
+    """Start `spec.devices` processes on one machine (torch.multiprocessing + a rendezvous file in a fresh
+    directory: unlike a TCP port picked in advance, no other process can take it before the workers bind)."""
     import torch.multiprocessing as mp
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(spec, port, tmp, progress is not None), nprocs=spec.devices, join=True)
+        mp.spawn(_worker, args=(spec, tmp, progress is not None), nprocs=spec.devices, join=True)
         return torch.load(Path(tmp) / "landscape.pt", weights_only=False)
 
 
-def _worker(rank: int, spec: LandscapeSpec, port: int, tmp: str, show: bool) -> None:
+def _worker(rank: int, spec: LandscapeSpec, tmp: str, show: bool) -> None:
     backend = "nccl" if torch.cuda.is_available() and spec.device != "cpu" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=spec.devices)
+    rendezvous = Path(tmp, "rendezvous").as_uri()
+    dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=spec.devices)
     try:
         landscape = _run(spec, print if show else None)
         if rank == 0:
