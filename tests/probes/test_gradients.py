@@ -30,10 +30,13 @@ def test_tensor_stats_match_independent_computation():
     assert math.isnan(s.sq_norm[1].item())  # non-finite values are counted and visible, never dropped
 
 
-def test_count_nonfinite_in_small_chunks(monkeypatch):
-    monkeypatch.setattr(G, "CHUNK_NUMEL", 4)
-    ts = _tensors()
-    assert G.count_nonfinite(ts).tolist() == [0.0, 3.0, 0.0]
+@pytest.mark.parametrize("small", [4, 1 << 15], ids=["in-pieces", "whole"])
+def test_count_nonfinite(monkeypatch, small):
+    monkeypatch.setattr(G, "_SMALL", small)
+    monkeypatch.setattr(G, "CPU_COUNT_CHUNK", 4)
+    extremes = torch.tensor([3e38, -3e38, 1e-45, -1e-45, -0.0, float("nan"), -float("nan")])
+    ts = [*_tensors(), extremes, extremes.to(torch.bfloat16), extremes.double().t()]
+    assert G.count_nonfinite(ts).tolist() == [0.0, 3.0, 0.0, 2.0, 2.0, 2.0]
 
 
 def test_count_nonfinite_skips_only_when_every_max_is_finite():
@@ -88,7 +91,7 @@ def test_empty_input_is_an_error():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
 def test_cpu_max_abs_and_nonzero_equal_the_fused_norms_used_on_cuda(dtype):
-    """The CPU path (aminmax, count_nonzero per tensor) gives exactly what the fused inf/L0 norms give, including
+    """The CPU path (aminmax, |x| counted as integers) gives exactly what the fused inf/L0 norms give, including
     NaN (max is NaN; NaN counts as non-zero), ±Inf, -0.0, all-negative and empty tensors (max 0)."""
     g = torch.Generator().manual_seed(2)
     cases = [
@@ -107,6 +110,26 @@ def test_cpu_max_abs_and_nonzero_equal_the_fused_norms_used_on_cuda(dtype):
     torch.testing.assert_close(G.max_abs(ts), expected_max, equal_nan=True, rtol=0, atol=0)
     torch.testing.assert_close(G.count_nonzero(ts), expected_nonzero, rtol=0, atol=0)
     assert G.max_abs(ts).dtype == G.count_nonzero(ts).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
+def test_cpu_zero_count_in_pieces_equals_the_fused_l0_norm(monkeypatch, dtype):
+    """Tensors larger than the buffer are counted piece by piece: scattered +0.0 and -0.0 are zeros, NaN and ±Inf
+    are not, a transposed (non-contiguous) tensor and a last short piece are counted whole."""
+    monkeypatch.setattr(G, "_SMALL", 4)
+    monkeypatch.setattr(G, "CPU_COUNT_CHUNK", 5)
+    g = torch.Generator().manual_seed(3)
+    scattered = torch.randn(9, 7, generator=g) * (torch.rand(9, 7, generator=g) > 0.4)
+    scattered[scattered == 0] = torch.tensor([-0.0, 0.0]).repeat(40)[: int((scattered == 0).sum())]
+    scattered[1, 2], scattered[4, 4], scattered[8, 0] = float("nan"), float("inf"), float("-inf")
+    ts = [scattered.to(dtype), scattered.t().to(dtype), torch.tensor([-0.0, 1.0, 0.0], dtype=dtype), torch.zeros(6, dtype=dtype)]
+    expected = torch.stack([n.float() for n in torch._foreach_norm(ts, 0.0)])
+    assert torch.equal(G.count_nonzero(ts), expected)
+    assert expected[0].item() == (scattered != 0).sum().item() < scattered.numel() - 10  # the case holds many zeros
+
+
+def test_cpu_zero_count_of_integer_tensors():
+    assert G.count_nonzero([torch.tensor([0, 3, -1, 0]), torch.tensor([1.0, 0.0])]).tolist() == [2.0, 1.0]
 
 
 def test_float64_tensors_get_float32_statistics():

@@ -5,7 +5,7 @@ Pure tensor functions: fused `torch._foreach_*` reductions, no `.item()`, no hos
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import torch
@@ -14,6 +14,11 @@ from torch import Tensor
 # Temporary buffers (the non-finite mask) are built in chunks of at most this many elements, so a logged step
 # never allocates a second copy of a large model at once.
 CHUNK_NUMEL = 1 << 24
+# Zeros are counted on the CPU in pieces of this many elements (a larger tensor) through one buffer.
+CPU_COUNT_CHUNK = 1 << 20
+_SMALL = 1 << 15
+# The integer type whose values are a float type's bits.
+_SAME_SIZE_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
 
 
 class TensorStats(NamedTuple):
@@ -76,26 +81,49 @@ def max_abs(tensors: Sequence[Tensor]) -> Tensor:
 
 
 def count_nonzero(tensors: Sequence[Tensor]) -> Tensor:
-    """Entries that are not exactly zero (NaN counts as non-zero) of each tensor, as float32: the L0 "norm", one
-    fused kernel on CUDA; `count_nonzero` per tensor on the CPU, where it is twice as fast."""
+    """Entries that are not exactly zero (NaN counts as non-zero, -0.0 as zero) of each tensor, as float32: the
+    L0 "norm", one fused kernel on CUDA. On the CPU that norm and `torch.count_nonzero` on floats slow down
+    tenfold when zeros are scattered (ReLU gradients, dead units: 30 ms instead of 2.6 ms for ResNet-18), so there
+    the bits of |x| (-0.0 made 0.0) are counted as integers, whatever the data (3.5 ms)."""
     if tensors[0].device.type != "cpu":
         return norms(tensors, 0.0)
-    return torch.stack([torch.count_nonzero(t) for t in tensors]).float()
+    return _count_nonzero_bits(tensors, torch.abs)
 
 
 def count_nonfinite(tensors: Sequence[Tensor], max_abs: Tensor | None = None) -> Tensor:
-    """Number of NaN/Inf entries of each tensor: x·0 is 0 where x is finite and NaN elsewhere, and the
-    L0 "norm" counts the entries that are not zero.
+    """Number of NaN/Inf entries of each tensor: x·0 (on the CPU x − x) is ±0 where x is finite and NaN elsewhere,
+    and the entries that are not zero are counted.
 
-    With `max_abs` (per-tensor max |x|) on the CPU, where reading a value costs no device sync, the two passes
-    are skipped when every max is finite: then no entry can be NaN or Inf.
+    With `max_abs` (per-tensor max |x|) on the CPU, where reading a value costs no device sync, the counting is
+    skipped when every max is finite: then no entry can be NaN or Inf.
     """
-    if max_abs is not None and max_abs.device.type == "cpu" and bool(max_abs.isfinite().all()):
-        return torch.zeros(len(tensors), dtype=torch.float32)
-    counts = []
-    for chunk in _chunks(tensors):
-        counts.append(norms(torch._foreach_mul(chunk, 0.0), 0.0))
-    return torch.cat(counts)
+    if tensors[0].device.type == "cpu":
+        if max_abs is not None and bool(max_abs.isfinite().all()):
+            return torch.zeros(len(tensors), dtype=torch.float32)
+        return _count_nonzero_bits(tensors, lambda x, out=None: torch.sub(x, x, out=out))
+    return torch.cat([norms(torch._foreach_mul(chunk, 0.0), 0.0) for chunk in _chunks(tensors)])
+
+
+def _count_nonzero_bits(tensors: Sequence[Tensor], op: Callable[..., Tensor]) -> Tensor:
+    """Per tensor, the entries where the elementwise `op(x, out=None)` gives a float whose bits are not all zero,
+    as float32. A large tensor goes in pieces through one buffer: no large temporary, and the piece stays in the
+    cache while it is counted."""
+    buffers: dict[torch.dtype, Tensor] = {}
+    out = []
+    for t in tensors:
+        bits = _SAME_SIZE_INT.get(t.dtype)
+        if bits is None:  # e.g. an integer tensor: count its values
+            out.append(torch.count_nonzero(op(t)))
+        elif t.numel() <= _SMALL:  # a temporary on the heap costs less than slicing a buffer
+            out.append(torch.count_nonzero(op(t).view(bits)))
+        else:
+            buffer = buffers.get(t.dtype)
+            if buffer is None:
+                buffer = buffers[t.dtype] = torch.empty(CPU_COUNT_CHUNK, dtype=t.dtype)
+            flat = t.reshape(-1)
+            pieces = (flat[i : i + CPU_COUNT_CHUNK] for i in range(0, flat.numel(), CPU_COUNT_CHUNK))
+            out.append(sum(torch.count_nonzero(op(p, out=buffer[: p.numel()]).view(bits)) for p in pieces))
+    return torch.stack(out).float()
 
 
 def numels(tensors: Sequence[Tensor]) -> Tensor:
