@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -441,6 +442,12 @@ def test_a_fit_resumed_from_a_checkpoint_goes_on_in_its_own_run(store, tmp_path,
     (nan,) = [f for f in diagnosis["findings"] if f["kind"] == "nonfinite_gradients"]
     assert nan["first_step"] == 2  # found by the first fit, kept by the resumed one
     assert run.data.tags["trainwatch.health"] == "critical"
+    # the exploding rule's baseline: the first fit's finite norms before step 4, topped up by the resumed fit's
+    totals = sorted(client.get_metric_history(run.info.run_id, "train/grad_norm_total"), key=lambda m: (m.timestamp, m.step))
+    assert [m.step for m in totals[-4:]] == [4, 5, 6, 7]
+    earlier = [m.value for m in totals if m.step < 4 and math.isfinite(m.value)]
+    expected = (earlier + [m.value for m in totals[-4:]])[:5]
+    assert earlier and diagnosis["exploding_baseline"] == {"grad_norm_total_median": pytest.approx(np.median(expected)), "records": 5}
 
 
 @pytest.mark.parametrize("case", ["deleted", "another store", "another run name"])

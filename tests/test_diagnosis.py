@@ -116,6 +116,21 @@ def test_exploding_counts_records_whatever_layer_is_worst():
     assert d.findings[("exploding_gradients", "")].last_step == 14
 
 
+def test_a_resumed_fit_compares_gradient_norms_with_the_runs_first_records():
+    """Resumed at step 8 when the norm has grown from 1 to 150: with the first fit's records as baseline, two
+    records of 150 are exploding; a baseline taken afresh from the resumed fit's records would find nothing."""
+    history = [(0, 1.0), (2, math.nan), (4, 1.2), (6, 0.8), (8, 150.0), (10, 999.0)]  # (10: a step trained again)
+    resumed, afresh = Diagnosis(ModelFacts(GROUPS)), Diagnosis(ModelFacts(GROUPS))
+    resumed.carry_baseline(history, before_step=8)
+    assert resumed.to_json(final=False)["exploding_baseline"] == {"grad_norm_total_median": 1.0, "records": 3}
+    grown = [{"train/grad_norm_total": 150.0, "grad_norm/out": 150.0}] * 6
+    found = [f.kind for f in _feed(resumed, grown)]
+    assert found == ["exploding_gradients"] and resumed.findings[("exploding_gradients", "")].first_step == 2
+    assert _feed(afresh, grown) == []
+    assert afresh.to_json(final=False)["exploding_baseline"] == {"grad_norm_total_median": 150.0, "records": 5}
+    assert resumed.to_json(final=False)["exploding_baseline"]["records"] == 5  # topped up by the resumed records
+
+
 def test_streaks_hold_across_records_that_do_not_feed_the_rule():
     """activations_every_n_steps != every_n_steps: records of gradients alone neither count nor break the
     activation rules' streaks, and records of activations alone do the same for the gradient rules."""

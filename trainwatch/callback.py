@@ -377,6 +377,8 @@ class TrainWatch(pl.Callback):
             carried = diagnosis.carry(earlier, trainer.global_step)  # the first fit's findings stay in the run's diagnosis
             if carried is not None:
                 log.warning("trainwatch: the run's earlier diagnosis.json is not usable (%s); its findings are not carried over.", carried)
+        if diagnosis is not None and self._resumed:
+            diagnosis.carry_baseline(self._earlier_history("train/grad_norm_total"), trainer.global_step)
 
         # a fit resumed into a run continues its tables' part numbers instead of overwriting them
         def paths_in(folder: str) -> list[str]:
@@ -424,6 +426,13 @@ class TrainWatch(pl.Callback):
                 return json.loads(Path(self._client.download_artifacts(self.run_id, f"{ARTIFACT_ROOT}/diagnosis.json", tmp)).read_text())
         except (MlflowException, OSError, ValueError):
             return None
+
+    def _earlier_history(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of a metric the run holds from earlier fits; none if the server does not answer."""
+        try:
+            return [(m.step, m.value) for m in self._client.get_metric_history(self.run_id, key)]
+        except MlflowException:
+            return []
 
     def _own_run_id(self, uri: str) -> tuple[str, bool]:
         """(run id, resumed): the run of the checkpoint this fit resumes from, reopened, when it is at this tracking

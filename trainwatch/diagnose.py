@@ -183,6 +183,13 @@ class Diagnosis:
             self.findings.setdefault(key, finding)
         return None
 
+    def carry_baseline(self, history: Sequence[tuple[int, float]], before_step: int) -> None:
+        """Take the exploding rule's baseline from an earlier fit of this run: the first finite records of
+        `train/grad_norm_total` before `before_step` (`history`: (step, value) pairs), so that a resumed fit goes on
+        comparing with the start of the run, not with its own first records (which may have grown already)."""
+        earlier = sorted((step, value) for step, value in history if step < before_step and math.isfinite(value))
+        self._norms = [value for _, value in earlier[: self.t.baseline_records]]
+
     @staticmethod
     def _fed(metrics: Mapping[str, float], arrays: Mapping[str, np.ndarray]) -> set[str]:
         """The kinds whose rules this record had numbers for."""
@@ -198,7 +205,11 @@ class Diagnosis:
 
     def to_json(self, final: bool) -> dict[str, object]:
         items = sorted(self.findings.values(), key=lambda f: (-SEVERITY_RANK[f.severity], f.first_step, f.kind, f.group))
-        return {"health": self.health, "final": final, "thresholds": asdict(self.t), "findings": [f.to_json() for f in items]}
+        baseline = {"grad_norm_total_median": float(np.median(self._norms)) if self._norms else None, "records": len(self._norms)}
+        return {
+            "health": self.health, "final": final, "thresholds": asdict(self.t), "exploding_baseline": baseline,
+            "findings": [f.to_json() for f in items],
+        }  # fmt: skip
 
     def counts(self) -> dict[str, float]:
         """`train/findings/<kind>` counts (groups with that finding) and `train/findings_total`."""
