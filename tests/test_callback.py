@@ -23,6 +23,7 @@ from tests.models import Classifier, blobs, loaders, mlp, trainer
 from trainwatch import TrainWatch
 from trainwatch.ops import Render
 from trainwatch.probes.activations import STAT_COLUMNS
+from trainwatch.publish import shown_modules
 
 pytestmark = pytest.mark.slow
 
@@ -412,7 +413,9 @@ def test_a_fit_resumed_from_a_checkpoint_goes_on_in_its_own_run(store, tmp_path,
     train, val = loaders(blobs(n=128), batch_size=16)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
     system = dict(system_metrics=True, system_metrics_interval_s=0.2)
-    first = TrainWatch(every_n_steps=2, tracking_uri=store, landscape_samples=0, on_nonfinite="skip_step", **system)
+    first = TrainWatch(
+        every_n_steps=2, activations_every_n_steps=2, tracking_uri=store, landscape_samples=0, on_nonfinite="skip_step", **system
+    )
     with pytest.raises(RuntimeError, match="node lost"):
         trainer(max_steps=8, callbacks=[first, saver], enable_checkpointing=True).fit(Troubled(mlp()), train, val)
     client = MlflowClient(store)
@@ -420,7 +423,7 @@ def test_a_fit_resumed_from_a_checkpoint_goes_on_in_its_own_run(store, tmp_path,
     (ckpt,) = [p for p in (tmp_path / "ckpt").iterdir() if "step=4" in p.name]
 
     system_steps = sorted(m.step for m in client.get_metric_history(first.run_id, "system/cpu_utilization_percentage"))
-    again = TrainWatch(every_n_steps=1, tracking_uri=store, landscape_samples=0, **system)
+    again = TrainWatch(every_n_steps=1, activations_every_n_steps=1, tracking_uri=store, landscape_samples=0, **system)
     trainer(max_steps=8, callbacks=[again]).fit(Classifier(mlp()), train, val, ckpt_path=ckpt)
     client, run = _only_run(store)
     assert run.info.run_id == first.run_id == again.run_id
@@ -448,6 +451,14 @@ def test_a_fit_resumed_from_a_checkpoint_goes_on_in_its_own_run(store, tmp_path,
     earlier = [m.value for m in totals if m.step < 4 and math.isfinite(m.value)]
     expected = (earlier + [m.value for m in totals[-4:]])[:5]
     assert earlier and diagnosis["exploding_baseline"] == {"grad_norm_total_median": pytest.approx(np.median(expected)), "records": 5}
+    # the images go on from the first fit's snapshots: its histograms before step 4, then the resumed fit's
+    act_parts = sorted(f.path for f in client.list_artifacts(run.info.run_id, "trainwatch/histograms/activations"))
+    acts = [np.load(io.BytesIO(Path(client.download_artifacts(run.info.run_id, act_parts[0], str(tmp_path))).read_bytes()))]
+    first_steps = [int(s) for s in acts[0]["step"] if s < 4]
+    history = again._publisher._history_steps
+    assert first_steps and history == [*first_steps, 4, 5, 6, 7]
+    shown = shown_modules(len(acts[0]["names"]))
+    np.testing.assert_array_equal(again._publisher._history[0], acts[0]["values"][0][shown, len(STAT_COLUMNS) :].astype(np.float32))
 
 
 @pytest.mark.parametrize("case", ["deleted", "another store", "another run name"])

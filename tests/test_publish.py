@@ -8,7 +8,7 @@ import numpy as np
 from trainwatch import render
 from trainwatch.ops import ImageOp, Render
 from trainwatch.probes.activations import STAT_COLUMNS, histogram_labels
-from trainwatch.publish import FILMSTRIP_SNAPSHOTS, MAX_HISTORY, MAX_PANELS, Publisher, shown_modules
+from trainwatch.publish import FILMSTRIP_SNAPSHOTS, MAX_HISTORY, MAX_PANELS, EarlierSnapshots, Publisher, shown_modules
 from trainwatch.record import Record
 from trainwatch.render import MAX_SNAPSHOTS
 from trainwatch.sink import _FLUSH
@@ -83,3 +83,88 @@ def test_the_flush_draws_no_image_the_last_one_already_showed():
     assert drawn == [MAX_HISTORY] and [op for op in publisher(_FLUSH) if isinstance(op, ImageOp)] == []
     publisher(_activations(MAX_HISTORY + 2, modules=1))
     assert [op.step for op in publisher(_FLUSH) if isinstance(op, ImageOp)] == [MAX_HISTORY + 2]
+
+
+def test_a_resumed_fits_images_go_on_from_the_earlier_fits_snapshots():
+    """Seeded with an earlier fit's snapshots (thinned to every 2nd), the evolution image shows them and then this
+    fit's records at the same stride; the filmstrip shows the earlier fit's last snapshots, then this fit's."""
+    g = np.random.default_rng(0)
+    cam = lambda step: (step, g.random((2, 8, 8)), np.array([0, 1]), np.array([0.5, 0.5]))
+    earlier = EarlierSnapshots(
+        steps=[0, 4, 8], counts=[np.full((3, BINS), float(s), dtype=np.float32) for s in (0, 4, 8)], stride=2,
+        cam={"grad_cam": [cam(s) for s in range(0, 12, 2)]},
+    )  # fmt: skip
+    publisher = Publisher([], ["a", "b", "c"], rows_per_part=10**9, render_every=10**9, render_interval_s=3600.0)
+    publisher.go_on_from(earlier)
+    publisher(Record(12, 0, arrays={"cam_inputs": g.random((2, 1, 8, 8)), "cam_targets": np.array([0.0, 1.0])}))
+    for step in range(12, 17):
+        arrays = {"cam/grad_cam": g.random((2, 8, 8)), "cam_raw_max/grad_cam": np.ones(2)}
+        publisher(_activations(step))
+        publisher(Record(step, 0, arrays=arrays | {"cam_predicted": np.array([0.0, 1.0]), "cam_confidence": np.array([0.9, 0.8])}))
+    ops = [op for op in publisher(_FLUSH) if isinstance(op, ImageOp)]
+    (histograms,) = [op.image.kwargs for op in ops if op.image.function == "histogram_evolution"]
+    assert histograms["steps"] == [0, 4, 8, 12, 14, 16]
+    np.testing.assert_array_equal(histograms["counts"][:, 0, 0], [0, 4, 8, 12, 14, 16])
+    (filmstrip,) = [op.image.kwargs for op in ops if op.image.function == "cam_filmstrip"]
+    assert [s for s, *_ in filmstrip["snapshots"]] == [4, 6, 8, 10, 12, 13, 14, 15, 16][-FILMSTRIP_SNAPSHOTS:]
+
+
+def test_earlier_snapshots_are_the_runs_rows_and_cam_snapshots_before_the_resume_step(store, tmp_path):
+    """Read from a real store: rows before the step only (a later part's row of a step logged twice wins), the shown
+    modules' counts, the last CAM snapshots before the step; a table of other modules is left out."""
+    from mlflow import MlflowClient
+
+    from trainwatch.ops import npz_bytes
+    from trainwatch.publish import earlier_snapshots
+    from trainwatch.runs import RunStore
+
+    client = MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    names = [f"m{i}" for i in range(20)]
+
+    def table(part: int, steps: list[int], mark: float) -> None:
+        values = np.zeros((len(steps), len(names), len(STAT_COLUMNS) + BINS))
+        values[:, :, len(STAT_COLUMNS)] = np.asarray(steps)[:, None] + mark  # first bin: the step (+ which part)
+        local = tmp_path / f"part-{part:05d}.npz"
+        local.write_bytes(npz_bytes(step=np.asarray(steps), values=values, names=np.asarray(names)))
+        client.log_artifact(run_id, str(local), "trainwatch/histograms/activations")
+
+    table(0, [0, 2, 4], 0.0)
+    table(1, [4, 6, 8], 0.5)  # an earlier resume logged 4 again; 8 comes after the step this fit resumes at
+    for step in range(0, 10):
+        local = tmp_path / f"step-{step:08d}.npz"
+        maps = np.full((2, 4, 4), float(step))
+        local.write_bytes(npz_bytes(step=np.int64(step), maps=maps, raw_max=np.ones(2), predicted=np.array([1, 0]), confidence=np.ones(2)))
+        client.log_artifact(run_id, str(local), "trainwatch/cam/grad_cam")
+    earlier = earlier_snapshots(RunStore(run_id, store), 7, names)
+    assert earlier.steps == [0, 2, 4, 6] and earlier.stride == 1
+    shown = shown_modules(len(names))
+    assert all(c.shape == (len(shown), BINS) and c.dtype == np.float32 for c in earlier.counts)
+    assert [c[0, 0] for c in earlier.counts] == [0.0, 2.0, 4.5, 6.5]
+    assert [s for s, *_ in earlier.cam["grad_cam"]] == [0, 1, 2, 3, 4, 5, 6][-FILMSTRIP_SNAPSHOTS:]
+    assert earlier.cam["grad_cam"][-1][1][0, 0, 0] == 6.0
+    other = earlier_snapshots(RunStore(run_id, store), 7, names[:-1])
+    assert other.steps == [] and len(other.cam["grad_cam"]) == 7  # the model changed: no histograms, CAM still
+
+
+def test_a_long_earlier_history_is_thinned_like_the_publishers_own(store, tmp_path):
+    from mlflow import MlflowClient
+
+    from trainwatch.ops import npz_bytes
+    from trainwatch.publish import earlier_snapshots
+    from trainwatch.runs import RunStore
+
+    client = MlflowClient(store)
+    run_id = client.create_run(client.create_experiment("e")).info.run_id
+    steps = np.arange(2 * MAX_HISTORY + 52)  # over twice the cap: every 4th row is kept
+    local = tmp_path / "part-00000.npz"
+    local.write_bytes(npz_bytes(step=steps, values=np.zeros((len(steps), 2, len(STAT_COLUMNS) + BINS)), names=np.asarray(["a", "b"])))
+    client.log_artifact(run_id, str(local), "trainwatch/histograms/activations")
+    earlier = earlier_snapshots(RunStore(run_id, store), 10**9, ["a", "b"])
+    assert earlier.stride == 4 and earlier.steps == steps[::4].tolist() and len(earlier.counts) == len(earlier.steps)
+    publisher = Publisher([], ["a", "b"], rows_per_part=10**9, render_every=10**9)
+    publisher.go_on_from(earlier)
+    for step in range(len(steps), len(steps) + 8):
+        publisher(_activations(step, modules=2))
+    (image,) = [op for op in publisher(_FLUSH) if isinstance(op, ImageOp)]
+    assert image.image.kwargs["steps"][-3:] == [steps[-4], len(steps), len(steps) + 4]  # still every 4th

@@ -1,16 +1,20 @@
 """Turn Records into MLflow operations on the sink's thread: metrics, per-parameter tables, histogram parts,
 and the rendered histogram-evolution image.
 
-It accumulates arrays between flushes; it never touches tensors (records arrive as host numbers) nor MLflow.
+It accumulates arrays between flushes; it never touches tensors (records arrive as host numbers) nor MLflow
+itself (a resumed run's earlier snapshots are read through the `RunStore` given to `earlier_snapshots`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,6 +24,9 @@ from trainwatch.ops import MAX_PANELS as MAX_PANELS  # the image's layout, kept 
 from trainwatch.probes.activations import STAT_COLUMNS, histogram_labels
 from trainwatch.record import PendingRecord, Record
 from trainwatch.sink import is_flush
+
+if TYPE_CHECKING:
+    from trainwatch.runs import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,58 @@ CAM_IMAGE_KEY = "trainwatch/cam"
 # other later one is kept (evenly spaced still): a panel is about 420 pixels wide, and a run logging every step
 # for days must not keep every histogram it ever made.
 MAX_HISTORY = 1024
+
+
+@dataclass
+class EarlierSnapshots:
+    """What a resumed run's earlier fit drew its images from, for them to go on from: the activation histograms
+    of the modules the evolution image shows (every `stride`-th, at most MAX_HISTORY) and each CAM method's last
+    snapshots."""
+
+    steps: list[int] = field(default_factory=list)
+    counts: list[np.ndarray] = field(default_factory=list)  # [shown modules, bins] float32 per step
+    stride: int = 1
+    cam: dict[str, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = field(default_factory=dict)
+
+
+def earlier_snapshots(store: RunStore, before_step: int, act_names: Sequence[str]) -> EarlierSnapshots:
+    """The run's activation table rows and CAM snapshots of the steps before `before_step` (a fit resumed at that
+    step trains the later ones again), read part by part: only the shown modules' counts are kept. Histograms of
+    another module set (the model changed) are left out."""
+    earlier = EarlierSnapshots()
+    by_step = _earlier_histograms(store, before_step, act_names)
+    steps = sorted(by_step)
+    while len(steps[:: earlier.stride]) > MAX_HISTORY:
+        earlier.stride *= 2
+    earlier.steps = steps[:: earlier.stride]
+    earlier.counts = [by_step[step] for step in earlier.steps]
+    for folder in store.folders_in(f"{ARTIFACT_ROOT}/cam"):
+        files = sorted(p for p in store.files_in(folder) if p.endswith(".npz") and _snapshot_step(p) < before_step)
+        snapshots = [np.load(io.BytesIO(store.read(p, "CAM snapshot"))) for p in files[-FILMSTRIP_SNAPSHOTS:]]
+        if snapshots:
+            earlier.cam[folder.rsplit("/", 1)[-1]] = [
+                (int(s["step"]), s["maps"], s["predicted"].astype(np.int64), s["confidence"]) for s in snapshots
+            ]
+    return earlier
+
+
+def _earlier_histograms(store: RunStore, before_step: int, act_names: Sequence[str]) -> dict[int, np.ndarray]:
+    """{step: the shown modules' counts} of the activation table's rows before `before_step` (of a step logged
+    twice, by a fit and a later resumed one, the later part's row); empty if the table holds other modules."""
+    shown, by_step = shown_modules(len(act_names)), {}
+    for path in sorted(p for p in store.files_in(f"{ARTIFACT_ROOT}/{ACT_TABLE}") if p.endswith(".npz")):
+        part = np.load(io.BytesIO(store.read(path, "activation table part")))
+        if [str(n) for n in part["names"]] != list(act_names):
+            return {}
+        for step, row in zip(part["step"].tolist(), part["values"], strict=True):
+            if step < before_step:
+                by_step[step] = row[shown, len(STAT_COLUMNS) :].astype(np.float32)
+    return by_step
+
+
+def _snapshot_step(path: str) -> int:
+    """The step in a CAM snapshot's name, `.../step-00000123.npz`."""
+    return int(path.rsplit("step-", 1)[-1].removesuffix(".npz"))
 
 
 @dataclass
@@ -107,6 +166,12 @@ class Publisher:
         self._cam_targets: np.ndarray | None = None
         self._cam_history: dict[str, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
         self._cam_drawn: dict[str, tuple[float, int]] = {}  # per method: monotonic time and step of the last filmstrip
+
+    def go_on_from(self, earlier: EarlierSnapshots) -> None:
+        """Begin the evolution image and the filmstrips with an earlier fit's snapshots (a resumed run), before
+        any record of this fit."""
+        self._history_steps, self._history, self._stride = list(earlier.steps), list(earlier.counts), earlier.stride
+        self._cam_history = {method: list(snapshots[-FILMSTRIP_SNAPSHOTS:]) for method, snapshots in earlier.cam.items()}
 
     def __call__(self, item: object) -> list[Op]:
         if is_flush(item):
