@@ -119,7 +119,9 @@ def test_exploding_counts_records_whatever_layer_is_worst():
 def test_a_resumed_fit_compares_gradient_norms_with_the_runs_first_records():
     """Resumed at step 8 when the norm has grown from 1 to 150: with the first fit's records as baseline, two
     records of 150 are exploding; a baseline taken afresh from the resumed fit's records would find nothing."""
-    history = [(0, 1.0), (2, math.nan), (4, 1.2), (6, 0.8), (8, 150.0), (10, 999.0)]  # (10: a step trained again)
+    # (step, timestamp, value): 4 was logged again by an earlier resumed fit (the later value holds); 8 and 10 are
+    # trained again by this fit
+    history = [(0, 0, 1.0), (2, 1, math.nan), (4, 2, 50.0), (6, 3, 70.0), (4, 9, 1.2), (6, 10, 0.8), (8, 11, 150.0), (10, 12, 999.0)]
     resumed, afresh = Diagnosis(ModelFacts(GROUPS)), Diagnosis(ModelFacts(GROUPS))
     resumed.carry_baseline(history, before_step=8)
     assert resumed.to_json(final=False)["exploding_baseline"] == {"grad_norm_total_median": 1.0, "records": 3}

@@ -441,11 +441,11 @@ class TrainWatch(pl.Callback):
                 "filmstrips begin at step %d.", type(error).__name__, error, before_step,
             )  # fmt: skip
 
-    def _earlier_history(self, key: str) -> list[tuple[int, float]]:
-        """(step, value) of a metric the run holds from earlier fits; none if the server does not answer."""
+    def _earlier_history(self, key: str) -> list[tuple[int, int, float]]:
+        """(step, timestamp, value) of a metric the run holds from earlier fits; none if the store does not answer."""
         try:
-            return [(m.step, m.value) for m in self._client.get_metric_history(self.run_id, key)]
-        except MlflowException:
+            return [(m.step, m.timestamp, m.value) for m in self._client.get_metric_history(self.run_id, key)]
+        except (MlflowException, OSError, ValueError):
             return []
 
     def _own_run_id(self, uri: str) -> tuple[str, bool]:

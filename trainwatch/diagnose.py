@@ -183,12 +183,17 @@ class Diagnosis:
             self.findings.setdefault(key, finding)
         return None
 
-    def carry_baseline(self, history: Sequence[tuple[int, float]], before_step: int) -> None:
+    def carry_baseline(self, history: Sequence[tuple[int, int, float]], before_step: int) -> None:
         """Take the exploding rule's baseline from an earlier fit of this run: the first finite records of
-        `train/grad_norm_total` before `before_step` (`history`: (step, value) pairs), so that a resumed fit goes on
-        comparing with the start of the run, not with its own first records (which may have grown already)."""
-        earlier = sorted((step, value) for step, value in history if step < before_step and math.isfinite(value))
-        self._norms = [value for _, value in earlier[: self.t.baseline_records]]
+        `train/grad_norm_total` before `before_step` (`history`: (step, timestamp, value); of a step logged twice,
+        by a fit and a later resumed one, the later value), so that a resumed fit goes on comparing with the start
+        of the run, not with its own first records (which may have grown already)."""
+        latest: dict[int, tuple[int, float]] = {}
+        for step, timestamp, value in history:
+            if step < before_step and (step not in latest or timestamp >= latest[step][0]):
+                latest[step] = (timestamp, value)
+        finite = [value for _, (_, value) in sorted(latest.items()) if math.isfinite(value)]
+        self._norms = finite[: self.t.baseline_records]
 
     @staticmethod
     def _fed(metrics: Mapping[str, float], arrays: Mapping[str, np.ndarray]) -> set[str]:

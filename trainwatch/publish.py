@@ -56,53 +56,69 @@ MAX_HISTORY = 1024
 @dataclass
 class EarlierSnapshots:
     """What a resumed run's earlier fit drew its images from, for them to go on from: the activation histograms
-    of the modules the evolution image shows (every `stride`-th, at most MAX_HISTORY) and each CAM method's last
-    snapshots."""
+    of the modules the evolution image shows (every `stride`-th of `records`, at most MAX_HISTORY) and each CAM
+    method's last snapshots with the probes they were drawn over."""
 
     steps: list[int] = field(default_factory=list)
-    counts: list[np.ndarray] = field(default_factory=list)  # [shown modules, bins] float32 per step
+    counts: list[np.ndarray] = field(default_factory=list)  # [shown modules, bins] float32 per kept step
     stride: int = 1
+    records: int = 0  # histogram records before the resume step, kept or not: this fit's go on from there
     cam: dict[str, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = field(default_factory=dict)
+    cam_probes: tuple[np.ndarray, np.ndarray] | None = None  # inputs, targets
 
 
 def earlier_snapshots(store: RunStore, before_step: int, act_names: Sequence[str]) -> EarlierSnapshots:
-    """The run's activation table rows and CAM snapshots of the steps before `before_step` (a fit resumed at that
-    step trains the later ones again), read part by part: only the shown modules' counts are kept. Histograms of
-    another module set (the model changed) are left out."""
+    """The run's activation histograms and CAM snapshots of the steps before `before_step` (a fit resumed at that
+    step trains the later ones again)."""
     earlier = EarlierSnapshots()
-    by_step = _earlier_histograms(store, before_step, act_names)
-    steps = sorted(by_step)
-    while len(steps[:: earlier.stride]) > MAX_HISTORY:
-        earlier.stride *= 2
-    earlier.steps = steps[:: earlier.stride]
-    earlier.counts = [by_step[step] for step in earlier.steps]
+    _read_histograms(earlier, store, before_step, act_names)
+    _read_cam(earlier, store, before_step)
+    return earlier
+
+
+def _read_histograms(earlier: EarlierSnapshots, store: RunStore, before_step: int, act_names: Sequence[str]) -> None:
+    """The activation table's rows before `before_step`, part by part, thinned as they are read the way the
+    publisher thins its own (so memory stays bounded however long the run); of a step logged twice, by a fit and a
+    later resumed one, the later part's row. A part of other modules, columns or bins (another model or trainwatch
+    version) is left out."""
+    shown, layout = shown_modules(len(act_names)), (list(act_names), list(STAT_COLUMNS), list(histogram_labels()))
+    kept: dict[int, np.ndarray] = {}
+    seen: set[int] = set()
+    for path in sorted(p for p in store.files_in(f"{ARTIFACT_ROOT}/{ACT_TABLE}") if p.endswith(".npz")):
+        part = np.load(io.BytesIO(store.read(path, "activation table part")))
+        if tuple([str(x) for x in part[key]] for key in ("names", "columns", "bins")) != layout:
+            continue
+        for step, row in zip(part["step"].tolist(), part["values"], strict=True):
+            if step >= before_step or (step in seen and step not in kept):
+                continue
+            if step in kept or len(seen) % earlier.stride == 0:
+                kept[step] = row[shown, len(STAT_COLUMNS) :].astype(np.float32)
+            if step not in seen:
+                seen.add(step)
+                if len(kept) > MAX_HISTORY:
+                    kept, earlier.stride = dict(list(kept.items())[::2]), 2 * earlier.stride
+    earlier.steps, earlier.counts, earlier.records = list(kept), list(kept.values()), len(seen)
+
+
+_SNAPSHOT_NAME = re.compile(r"step-(\d+)\.npz$")
+
+
+def _read_cam(earlier: EarlierSnapshots, store: RunStore, before_step: int) -> None:
+    """Each CAM method's last snapshots before `before_step`, and the probes they were drawn over (none without
+    them: the filmstrip draws maps over the probes)."""
+    try:
+        probes = np.load(io.BytesIO(store.read(f"{ARTIFACT_ROOT}/cam/probes.npz", "CAM probes")))
+    except FileNotFoundError:
+        return
+    earlier.cam_probes = (probes["inputs"], probes["targets"].astype(np.int64))
     for folder in store.folders_in(f"{ARTIFACT_ROOT}/cam"):
-        files = sorted(p for p in store.files_in(folder) if p.endswith(".npz") and _snapshot_step(p) < before_step)
-        snapshots = [np.load(io.BytesIO(store.read(p, "CAM snapshot"))) for p in files[-FILMSTRIP_SNAPSHOTS:]]
+        numbered = sorted((int(m.group(1)), p) for p in store.files_in(folder) if (m := _SNAPSHOT_NAME.search(p)))
+        files = [p for step, p in numbered if step < before_step][-FILMSTRIP_SNAPSHOTS:]
+        snapshots = [np.load(io.BytesIO(store.read(p, "CAM snapshot"))) for p in files]
         if snapshots:
             earlier.cam[folder.rsplit("/", 1)[-1]] = [
                 (int(s["step"]), s["maps"], s["predicted"].astype(np.int64), s["confidence"]) for s in snapshots
             ]
-    return earlier
-
-
-def _earlier_histograms(store: RunStore, before_step: int, act_names: Sequence[str]) -> dict[int, np.ndarray]:
-    """{step: the shown modules' counts} of the activation table's rows before `before_step` (of a step logged
-    twice, by a fit and a later resumed one, the later part's row); empty if the table holds other modules."""
-    shown, by_step = shown_modules(len(act_names)), {}
-    for path in sorted(p for p in store.files_in(f"{ARTIFACT_ROOT}/{ACT_TABLE}") if p.endswith(".npz")):
-        part = np.load(io.BytesIO(store.read(path, "activation table part")))
-        if [str(n) for n in part["names"]] != list(act_names):
-            return {}
-        for step, row in zip(part["step"].tolist(), part["values"], strict=True):
-            if step < before_step:
-                by_step[step] = row[shown, len(STAT_COLUMNS) :].astype(np.float32)
-    return by_step
-
-
-def _snapshot_step(path: str) -> int:
-    """The step in a CAM snapshot's name, `.../step-00000123.npz`."""
-    return int(path.rsplit("step-", 1)[-1].removesuffix(".npz"))
 
 
 @dataclass
@@ -166,12 +182,15 @@ class Publisher:
         self._cam_targets: np.ndarray | None = None
         self._cam_history: dict[str, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
         self._cam_drawn: dict[str, tuple[float, int]] = {}  # per method: monotonic time and step of the last filmstrip
+        self._earlier_records = 0  # a resumed run's histogram records before this fit (`go_on_from`)
+        self._earlier_cam: EarlierSnapshots | None = None  # its CAM snapshots, until this fit's probes arrive
 
     def go_on_from(self, earlier: EarlierSnapshots) -> None:
         """Begin the evolution image and the filmstrips with an earlier fit's snapshots (a resumed run), before
-        any record of this fit."""
+        any record of this fit. The filmstrips take them once this fit's probes arrive, if they are the same."""
         self._history_steps, self._history, self._stride = list(earlier.steps), list(earlier.counts), earlier.stride
-        self._cam_history = {method: list(snapshots[-FILMSTRIP_SNAPSHOTS:]) for method, snapshots in earlier.cam.items()}
+        self._earlier_records = earlier.records
+        self._earlier_cam = earlier if earlier.cam and earlier.cam_probes is not None else None
 
     def __call__(self, item: object) -> list[Op]:
         if is_flush(item):
@@ -194,6 +213,12 @@ class Publisher:
             ops += self._activation_ops(record)
         if "cam_inputs" in record.arrays:
             self._cam_inputs, self._cam_targets = record.arrays["cam_inputs"], record.arrays["cam_targets"].astype(np.int64)
+            if self._earlier_cam is not None:
+                assert self._earlier_cam.cam_probes is not None
+                inputs, targets = self._earlier_cam.cam_probes
+                if np.array_equal(inputs, self._cam_inputs) and np.array_equal(targets, self._cam_targets):
+                    self._cam_history = {method: list(snaps) for method, snaps in self._earlier_cam.cam.items()}
+                self._earlier_cam = None
             ops.append(ArtifactOp(f"{ARTIFACT_ROOT}/cam/probes.npz", npz_bytes(inputs=self._cam_inputs, targets=self._cam_targets)))
         methods = [name.split("/", 1)[1] for name in record.arrays if name.startswith("cam/")]
         for method in methods:
@@ -257,7 +282,7 @@ class Publisher:
     def _activation_ops(self, record: Record) -> list[Op]:
         ops: list[Op] = []
         summaries = record.arrays["activations"]
-        if self._act_records % self._stride == 0:
+        if (self._earlier_records + self._act_records) % self._stride == 0:
             self._history_steps.append(record.step)
             self._history.append(summaries[self._shown, len(STAT_COLUMNS) :].astype(np.float32))
             if len(self._history) > MAX_HISTORY:

@@ -1,6 +1,7 @@
 """`trainwatch landscape RUN_ID` end to end: a real Lightning run logged to a real MLflow store, then the job."""
 
 import json
+import tempfile
 
 import mlflow
 import numpy as np
@@ -76,7 +77,11 @@ def test_clear_errors_for_runs_the_job_cannot_use(store, capsys):
         load_module({"class": "nowhere.models:Net"}, b"", torch.device("cpu"))
 
 
-def test_two_process_sharded_job_equals_the_single_process_job(store):
+def test_two_process_sharded_job_equals_the_single_process_job(store, tmp_path, monkeypatch):
+    """Two processes meet in a temporary directory whose path needs escaping in a URI (a space, a non-ASCII letter)."""
+    awkward = tmp_path / "tmp dir é"
+    awkward.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(awkward))
     run_id = _train(store, landscape_samples=64)
     single = run_landscape(LandscapeSpec(run_id=run_id, tracking_uri=store, steps=5, span=0.5, name="one", device="cpu"), progress=None)
     sharded = run_landscape(

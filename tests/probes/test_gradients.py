@@ -128,6 +128,36 @@ def test_cpu_zero_count_in_pieces_equals_the_fused_l0_norm(monkeypatch, dtype):
     assert expected[0].item() == (scattered != 0).sum().item() < scattered.numel() - 10  # the case holds many zeros
 
 
+@pytest.mark.parametrize("small", [4, 1 << 15], ids=["in-pieces", "whole"])
+def test_statistics_of_gradients_that_track_autograd(monkeypatch, small):
+    """`backward(create_graph=True)` (gradient penalties, second-order methods) leaves gradients that require grad:
+    they are read detached, with the same counts."""
+    monkeypatch.setattr(G, "_SMALL", small)
+    layer = torch.nn.Linear(16, 16)
+    (layer(torch.randn(8, 16)).relu() ** 2).sum().backward(create_graph=True)
+    grads = [p.grad for p in layer.parameters()]
+    grads[0].data[0, 3] = float("nan")
+    assert all(g.requires_grad for g in grads)
+    stats = G.grad_stats(list(layer.parameters()))
+    assert stats.zeros.tolist() == [float((g == 0).sum()) for g in grads]
+    assert stats.nonfinite.tolist() == [1.0, 0.0]
+
+
+def test_a_dense_non_contiguous_tensor_is_counted_in_place(monkeypatch):
+    """channels_last, transposed and permuted tensors are read through a flat view of their storage (no copy); one
+    with gaps or one that overlaps itself (expanded) through a copy; the counts are the same."""
+    monkeypatch.setattr(G, "_SMALL", 4)
+    monkeypatch.setattr(G, "CPU_COUNT_CHUNK", 7)
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(2, 3, 4, 5, generator=g).masked_fill_(torch.rand(2, 3, 4, 5, generator=g) > 0.5, 0.0)
+    dense = [base.to(memory_format=torch.channels_last), base[0, 0].t(), base.permute(3, 1, 0, 2)]
+    for t in dense:
+        assert G._flat(t).untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+    gappy, expanded = base[:, 1], base[0, :, :1].expand(3, 4, 5)  # the latter overlaps itself
+    ts = [*dense, gappy, expanded]
+    assert G.count_nonzero(ts).tolist() == [float((t != 0).sum()) for t in ts]
+
+
 def test_cpu_zero_count_of_integer_tensors():
     assert G.count_nonzero([torch.tensor([0, 3, -1, 0]), torch.tensor([1.0, 0.0])]).tolist() == [2.0, 1.0]
 

@@ -216,8 +216,8 @@ def _spawn(spec: LandscapeSpec, progress: Callable[[str], None] | None) -> Lands
 
 def _worker(rank: int, spec: LandscapeSpec, tmp: str, show: bool) -> None:
     backend = "nccl" if torch.cuda.is_available() and spec.device != "cpu" else "gloo"
-    rendezvous = Path(tmp, "rendezvous").as_uri()
-    dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=spec.devices)
+    rendezvous = dist.FileStore(str(Path(tmp, "rendezvous")), spec.devices)  # a path, not a file:// URI: no escaping
+    dist.init_process_group(backend, store=rendezvous, rank=rank, world_size=spec.devices)
     try:
         landscape = _run(spec, print if show else None)
         if rank == 0:

@@ -15,7 +15,7 @@ from torch import Tensor
 # never allocates a second copy of a large model at once.
 CHUNK_NUMEL = 1 << 24
 # Zeros are counted on the CPU in pieces of this many elements (a larger tensor) through one buffer.
-CPU_COUNT_CHUNK = 1 << 20
+CPU_COUNT_CHUNK = 1 << 18
 _SMALL = 1 << 15
 # The integer type whose values are a float type's bits.
 _SAME_SIZE_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.float64: torch.int64}
@@ -106,11 +106,12 @@ def count_nonfinite(tensors: Sequence[Tensor], max_abs: Tensor | None = None) ->
 
 def _count_nonzero_bits(tensors: Sequence[Tensor], op: Callable[..., Tensor]) -> Tensor:
     """Per tensor, the entries where the elementwise `op(x, out=None)` gives a float whose bits are not all zero,
-    as float32. A large tensor goes in pieces through one buffer: no large temporary, and the piece stays in the
-    cache while it is counted."""
+    as float32. A large tensor goes in pieces through one buffer of at most 2 MB: no large temporary, and the piece
+    stays in the cache while it is counted. Gradients that track autograd (`create_graph=True`) are read detached."""
     buffers: dict[torch.dtype, Tensor] = {}
     out = []
     for t in tensors:
+        t = t.detach()
         bits = _SAME_SIZE_INT.get(t.dtype)
         if bits is None:  # e.g. an integer tensor: count its values
             out.append(torch.count_nonzero(op(t)))
@@ -120,10 +121,23 @@ def _count_nonzero_bits(tensors: Sequence[Tensor], op: Callable[..., Tensor]) ->
             buffer = buffers.get(t.dtype)
             if buffer is None:
                 buffer = buffers[t.dtype] = torch.empty(CPU_COUNT_CHUNK, dtype=t.dtype)
-            flat = t.reshape(-1)
+            flat = _flat(t)
             pieces = (flat[i : i + CPU_COUNT_CHUNK] for i in range(0, flat.numel(), CPU_COUNT_CHUNK))
             out.append(sum(torch.count_nonzero(op(p, out=buffer[: p.numel()]).view(bits)) for p in pieces))
     return torch.stack(out).float()
+
+
+def _flat(t: Tensor) -> Tensor:
+    """All of `t`'s entries as one 1-D view, in storage order, when they fill one block of its storage (contiguous,
+    or dense in another layout such as channels_last); otherwise a flat copy."""
+    if t.is_contiguous():
+        return t.view(-1)
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape, strict=True) if n != 1):
+        if stride != expected:
+            return t.reshape(-1)
+        expected *= size
+    return t.as_strided((t.numel(),), (1,))
 
 
 def numels(tensors: Sequence[Tensor]) -> Tensor:
