@@ -3,6 +3,7 @@ leave what their docstrings promise in MLflow."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +16,10 @@ pytestmark = pytest.mark.slow
 
 
 def _run(tmp_path: Path, *args: str) -> str:
-    done = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    """Runs a script with the test's store as `MLFLOW_TRACKING_URI` (MLflow's `set_tracking_uri` in an earlier test
+    leaves that variable set in this process, and a script that reads it would log there)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"}
+    done = subprocess.run([sys.executable, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout + done.stderr
 

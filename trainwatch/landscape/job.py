@@ -222,5 +222,6 @@ def _worker(rank: int, spec: LandscapeSpec, tmp: str, show: bool) -> None:
         landscape = _run(spec, print if show else None)
         if rank == 0:
             torch.save(landscape, Path(tmp) / "landscape.pt")
+        dist.barrier()  # no rank tears down gloo's connections while another still uses them (that one aborts)
     finally:
         dist.destroy_process_group()
