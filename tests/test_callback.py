@@ -455,10 +455,12 @@ def test_a_fit_resumed_from_a_checkpoint_goes_on_in_its_own_run(store, tmp_path,
     act_parts = sorted(f.path for f in client.list_artifacts(run.info.run_id, "trainwatch/histograms/activations"))
     acts = [np.load(io.BytesIO(Path(client.download_artifacts(run.info.run_id, act_parts[0], str(tmp_path))).read_bytes()))]
     first_steps = [int(s) for s in acts[0]["step"] if s < 4]
-    history = again._publisher._history_steps
+    history = again._publisher._histograms.steps
     assert first_steps and history == [*first_steps, 4, 5, 6, 7]
     shown = shown_modules(len(acts[0]["names"]))
-    np.testing.assert_array_equal(again._publisher._history[0], acts[0]["values"][0][shown, len(STAT_COLUMNS) :].astype(np.float32))
+    np.testing.assert_array_equal(
+        again._publisher._histograms.counts[0], acts[0]["values"][0][shown, len(STAT_COLUMNS) :].astype(np.float32)
+    )
 
 
 @pytest.mark.parametrize("case", ["deleted", "another store", "another run name"])

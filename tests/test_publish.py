@@ -78,7 +78,7 @@ def test_the_flush_draws_no_image_the_last_one_already_showed():
     publisher = Publisher([], ["a"], rows_per_part=10**9, render_every=10**9)
     for step in range(MAX_HISTORY + 1):  # the last one halves the history and the stride becomes 2
         publisher(_activations(step, modules=1))
-    assert publisher._stride == 2
+    assert publisher._histograms.stride == 2
     drawn = [op.step for op in publisher(_FLUSH) if isinstance(op, ImageOp)]
     publisher(_activations(MAX_HISTORY + 1, modules=1))  # an odd record: not kept at stride 2
     assert drawn == [MAX_HISTORY] and [op for op in publisher(_FLUSH) if isinstance(op, ImageOp)] == []

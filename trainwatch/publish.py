@@ -54,15 +54,29 @@ MAX_HISTORY = 1024
 
 
 @dataclass
-class EarlierSnapshots:
-    """What a resumed run's earlier fit drew its images from, for them to go on from: the activation histograms
-    of the modules the evolution image shows (every `stride`-th of `records`, at most MAX_HISTORY) and each CAM
-    method's last snapshots with the probes they were drawn over."""
+class HistogramHistory:
+    """The histograms the evolution image shows: every `stride`-th of `records` records; past MAX_HISTORY every
+    other one is dropped and the stride doubles, so they stay evenly spaced however long the run."""
 
     steps: list[int] = field(default_factory=list)
     counts: list[np.ndarray] = field(default_factory=list)  # [shown modules, bins] float32 per kept step
     stride: int = 1
-    records: int = 0  # histogram records before the resume step, kept or not: this fit's go on from there
+    records: int = 0
+
+    def add(self, step: int, counts: np.ndarray) -> None:
+        if self.records % self.stride == 0:
+            self.steps.append(step)
+            self.counts.append(counts)
+            if len(self.steps) > MAX_HISTORY:
+                self.steps, self.counts, self.stride = self.steps[::2], self.counts[::2], 2 * self.stride
+        self.records += 1
+
+
+@dataclass
+class EarlierSnapshots(HistogramHistory):
+    """What a resumed run's earlier fit drew its images from, for them to go on from: its histogram history and
+    each CAM method's last snapshots with the probes they were drawn over."""
+
     cam: dict[str, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = field(default_factory=dict)
     cam_probes: tuple[np.ndarray, np.ndarray] | None = None  # inputs, targets
 
@@ -76,28 +90,25 @@ def earlier_snapshots(store: RunStore, before_step: int, act_names: Sequence[str
     return earlier
 
 
-def _read_histograms(earlier: EarlierSnapshots, store: RunStore, before_step: int, act_names: Sequence[str]) -> None:
-    """The activation table's rows before `before_step`, part by part, thinned as they are read the way the
-    publisher thins its own (so memory stays bounded however long the run); of a step logged twice, by a fit and a
-    later resumed one, the later part's row. A part of other modules, columns or bins (another model or trainwatch
-    version) is left out."""
+def _read_histograms(history: HistogramHistory, store: RunStore, before_step: int, act_names: Sequence[str]) -> None:
+    """The activation table's rows before `before_step` into `history`, part by part (so memory stays bounded
+    however long the run); of a step logged twice, by a fit and a later resumed one, the later part's row. A part
+    of other modules, columns or bins (another model or trainwatch version) is left out."""
     shown, layout = shown_modules(len(act_names)), (list(act_names), list(STAT_COLUMNS), list(histogram_labels()))
-    kept: dict[int, np.ndarray] = {}
     seen: set[int] = set()
     for path in sorted(p for p in store.files_in(f"{ARTIFACT_ROOT}/{ACT_TABLE}") if p.endswith(".npz")):
         part = np.load(io.BytesIO(store.read(path, "activation table part")))
         if tuple([str(x) for x in part[key]] for key in ("names", "columns", "bins")) != layout:
             continue
         for step, row in zip(part["step"].tolist(), part["values"], strict=True):
-            if step >= before_step or (step in seen and step not in kept):
+            if step >= before_step:
                 continue
-            if step in kept or len(seen) % earlier.stride == 0:
-                kept[step] = row[shown, len(STAT_COLUMNS) :].astype(np.float32)
+            counts = row[shown, len(STAT_COLUMNS) :].astype(np.float32)
             if step not in seen:
                 seen.add(step)
-                if len(kept) > MAX_HISTORY:
-                    kept, earlier.stride = dict(list(kept.items())[::2]), 2 * earlier.stride
-    earlier.steps, earlier.counts, earlier.records = list(kept), list(kept.values()), len(seen)
+                history.add(step, counts)
+            elif step in history.steps:  # logged again by a resumed fit: its row replaces the kept one
+                history.counts[history.steps.index(step)] = counts
 
 
 _SNAPSHOT_NAME = re.compile(r"step-(\d+)\.npz$")
@@ -173,24 +184,21 @@ class Publisher:
         self._rendered_time = -float("inf")
         self._act_records = 0
         self._rendered_at = 0  # activation records covered by the last image
-        self._history_steps: list[int] = []
-        self._history: list[np.ndarray] = []  # counts (float32) of the shown modules, every `_stride`-th record
+        self._histograms = HistogramHistory()  # the shown modules' counts, for the evolution image
         self._shown = shown_modules(len(act_names))
-        self._stride = 1
         self._drawn_step = -1  # last step of the history the last image showed
         self._cam_inputs: np.ndarray | None = None
         self._cam_targets: np.ndarray | None = None
         self._cam_history: dict[str, list[tuple[int, np.ndarray, np.ndarray, np.ndarray]]] = {}
         self._cam_drawn: dict[str, tuple[float, int]] = {}  # per method: monotonic time and step of the last filmstrip
-        self._earlier_records = 0  # a resumed run's histogram records before this fit (`go_on_from`)
-        self._earlier_cam: EarlierSnapshots | None = None  # its CAM snapshots, until this fit's probes arrive
+        # a resumed run's CAM snapshots and the probes they were drawn over, until this fit's probes arrive
+        self._earlier_cam: tuple[dict[str, list], tuple[np.ndarray, np.ndarray]] | None = None
 
     def go_on_from(self, earlier: EarlierSnapshots) -> None:
         """Begin the evolution image and the filmstrips with an earlier fit's snapshots (a resumed run), before
         any record of this fit. The filmstrips take them once this fit's probes arrive, if they are the same."""
-        self._history_steps, self._history, self._stride = list(earlier.steps), list(earlier.counts), earlier.stride
-        self._earlier_records = earlier.records
-        self._earlier_cam = earlier if earlier.cam and earlier.cam_probes is not None else None
+        self._histograms = HistogramHistory(list(earlier.steps), list(earlier.counts), earlier.stride, earlier.records)
+        self._earlier_cam = (earlier.cam, earlier.cam_probes) if earlier.cam and earlier.cam_probes is not None else None
 
     def __call__(self, item: object) -> list[Op]:
         if is_flush(item):
@@ -214,10 +222,9 @@ class Publisher:
         if "cam_inputs" in record.arrays:
             self._cam_inputs, self._cam_targets = record.arrays["cam_inputs"], record.arrays["cam_targets"].astype(np.int64)
             if self._earlier_cam is not None:
-                assert self._earlier_cam.cam_probes is not None
-                inputs, targets = self._earlier_cam.cam_probes
+                snapshots, (inputs, targets) = self._earlier_cam
                 if np.array_equal(inputs, self._cam_inputs) and np.array_equal(targets, self._cam_targets):
-                    self._cam_history = {method: list(snaps) for method, snaps in self._earlier_cam.cam.items()}
+                    self._cam_history = {method: list(snaps) for method, snaps in snapshots.items()}
                 self._earlier_cam = None
             ops.append(ArtifactOp(f"{ARTIFACT_ROOT}/cam/probes.npz", npz_bytes(inputs=self._cam_inputs, targets=self._cam_targets)))
         methods = [name.split("/", 1)[1] for name in record.arrays if name.startswith("cam/")]
@@ -282,11 +289,7 @@ class Publisher:
     def _activation_ops(self, record: Record) -> list[Op]:
         ops: list[Op] = []
         summaries = record.arrays["activations"]
-        if (self._earlier_records + self._act_records) % self._stride == 0:
-            self._history_steps.append(record.step)
-            self._history.append(summaries[self._shown, len(STAT_COLUMNS) :].astype(np.float32))
-            if len(self._history) > MAX_HISTORY:
-                self._history, self._history_steps, self._stride = self._history[::2], self._history_steps[::2], 2 * self._stride
+        self._histograms.add(record.step, summaries[self._shown, len(STAT_COLUMNS) :].astype(np.float32))
         self._act_records += 1
         if self.acts.add(record.step, summaries):
             ops += self._emit(self.acts, full=True)
@@ -297,12 +300,12 @@ class Publisher:
 
     def _image(self, step: int, timestamp_ms: int) -> ImageOp:
         self._rendered_at, self._rendered_time = self._act_records, time.monotonic()
-        self._drawn_step = self._history_steps[-1]
+        self._drawn_step = self._histograms.steps[-1]
         figure = Render(
             "histogram_evolution",
             {
-                "steps": list(self._history_steps),
-                "counts": np.stack(self._history),
+                "steps": list(self._histograms.steps),
+                "counts": np.stack(self._histograms.counts),
                 "names": [self.act_names[i] for i in self._shown],
                 "labels": histogram_labels(),
             },
@@ -323,8 +326,8 @@ class Publisher:
         ops = self._emit(self.params, full=False) + self._emit(self.acts, full=False)
         if self.diagnosis is not None:
             ops += self._diagnosis_ops(final=self.final)
-        if self._act_records > self._rendered_at and self._history_steps[-1] != self._drawn_step:
-            ops.append(self._image(self._history_steps[-1], int(time.time() * 1000)))
+        if self._act_records > self._rendered_at and self._histograms.steps[-1] != self._drawn_step:
+            ops.append(self._image(self._histograms.steps[-1], int(time.time() * 1000)))
         for method, history in self._cam_history.items():
             if history and self._cam_drawn.get(method, (0.0, -1))[1] != history[-1][0]:
                 ops += self._cam_image(method, int(time.time() * 1000))
