@@ -1,8 +1,10 @@
 """Per-logged-step gradient and weight statistics: trainwatch's CPU paths against the fused `_foreach_norm` ones.
 
 For each model's real parameter shapes (random gradients), times side by side, interleaved over `--repeats`:
-  max |g|        `gradients.max_abs` (aminmax per tensor on CPU)   vs  `_foreach_norm(ord=inf)`
-  zero count     `gradients.count_nonzero` (masked bits on CPU)   vs  `_foreach_norm(ord=0)`
+  max |g|        `gradients.max_abs` (on CPU the integer bits of |g|, as below)  vs  `_foreach_norm(ord=inf)`
+  zero count     `gradients.count_nonzero` (on CPU the integer bits of |g|)  vs  `_foreach_norm(ord=0)`
+  max + zeros    `gradients.nonzero_and_max_abs`, both from one pass (what a logged step uses)  vs  two passes:
+                 `aminmax` per tensor and the bits count (the CPU path up to the ninth stop)
   scattered 0s   the same, with 30 % of the entries zero at random  vs  `torch.count_nonzero` per tensor (the CPU
                  path up to 2026-11-24, fast on a run of zeros and ten times slower on scattered ones)
   NaN count      `gradients.count_nonfinite` once a gradient holds a NaN (bits of g − g on CPU)  vs  the L0 norm
@@ -10,10 +12,14 @@ For each model's real parameter shapes (random gradients), times side by side, i
   update norms   the pre-step copy and ‖Δw‖ of a step: `WeightCopy.take` + `.distances` (the page-cache file
                  beside the CPU, pinned host memory beside a GPU) vs a fresh in-memory `gradients.snapshot` +
                  `gradients.update_norms` (what CUDA uses); the timed step in between is the same `_foreach_add_`
+  distances      `WeightCopy.distances` beside the CPU (the file mapped, w − copy in a scratch chunk)  vs  the
+                 file read back chunk by chunk into a buffer and subtracted there (the CPU path up to the ninth stop)
   non-finite     `NonfiniteWatch.check` on a clean step            (one number: it runs every optimizer step)
-and checks that both sides of each pair agree. Prints the ratio fused / ours.
+and checks that both sides of each pair agree. Prints the ratio fused / ours. With `--cold` a 256 MB buffer is read
+before every timed call, so each call starts with the caches cold, as a logged step does after a training step's
+forward and backward (the large models' figures; on the small CNN it mostly times refetching Python's own data).
 
-Run: .venv/bin/python benchmarks/grad_stats.py [--models small-cnn resnet18] [--repeats 20] [--threads 1]
+Run: .venv/bin/python benchmarks/grad_stats.py [--models small-cnn resnet18] [--repeats 20] [--threads 1] [--cold]
 """
 
 from __future__ import annotations
@@ -28,10 +34,14 @@ from _models import MODELS
 
 from trainwatch.probes import gradients as G
 from trainwatch.probes.nonfinite import NonfiniteWatch
-from trainwatch.probes.weight_copy import WeightCopy
+from trainwatch.probes.weight_copy import WeightCopy, _segments
+
+_EVICT: torch.Tensor | None = None  # read before each timed call with --cold
 
 
 def timed(fn: Callable[[], object]) -> float:
+    if _EVICT is not None:
+        _EVICT.sum()  # read, not written: no dirty lines to write back inside the timed call
     t0 = time.perf_counter()
     fn()
     return time.perf_counter() - t0
@@ -52,10 +62,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cold", action="store_true", help="evict the caches before each timed call")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    global _EVICT
+    _EVICT = torch.zeros(64 << 20) if args.cold else None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    print(f"torch {torch.__version__}; device {device}; {torch.get_num_threads()} thread(s)")
+    print(f"torch {torch.__version__}; device {device}; {torch.get_num_threads()} thread(s); caches {'cold' if args.cold else 'warm'}")
     for name in args.models:
         bench_model(name, device, args.repeats)
 
@@ -78,6 +91,10 @@ def bench_model(name: str, device: torch.device, repeats: int) -> None:
     assert torch.equal(G.max_abs(grads), fused_max()) and torch.equal(G.count_nonzero(grads), fused_zero())
     compare("max |g|", run(lambda: G.max_abs(grads)), run(fused_max), repeats)
     compare("zero count", run(lambda: G.count_nonzero(grads)), run(fused_zero), repeats)
+    if device.type == "cpu":
+        two_passes = lambda: (G._count_nonzero_bits(grads, torch.abs)[0], torch.stack([aminmax_abs(t) for t in grads]))
+        assert all(torch.equal(a, b) for a, b in zip(G.nonzero_and_max_abs(grads), two_passes(), strict=True))
+        compare("max + zeros", run(lambda: G.nonzero_and_max_abs(grads)), run(two_passes), repeats, "two passes")
     scattered = [t * (torch.rand(t.shape, generator=g, device=device) >= 0.3) for t in grads]
     per_tensor = lambda: torch.stack([torch.count_nonzero(t) for t in scattered]).float()
     assert torch.equal(G.count_nonzero(scattered), per_tensor())
@@ -107,6 +124,12 @@ def bench_model(name: str, device: torch.device, repeats: int) -> None:
     # 2.4 M-element tensors when every element moves alike, as here
     torch.testing.assert_close(filed(), fresh(), rtol=2e-3, atol=0)
     compare("update norms", run(filed), run(fresh), repeats)
+    if device.type == "cpu":
+        copy.take(params)
+        with torch.no_grad():
+            torch._foreach_add_(params, step)
+        torch.testing.assert_close(copy.distances(params), read_back(copy, params), rtol=1e-6, atol=0)
+        compare("distances", lambda: copy.distances(params), lambda: read_back(copy, params), repeats, "read back")
     copy.close()
     for p, grad in zip(params, grads, strict=True):
         p.grad = grad
@@ -114,6 +137,28 @@ def bench_model(name: str, device: torch.device, repeats: int) -> None:
     calls = 200
     per_call = statistics.median(timed(run(lambda: [watch.check(i) for i in range(calls)])) for _ in range(5)) / calls
     print(f"  {'non-finite':14s} check on a clean step {per_call * 1e6:8.1f} us")
+
+
+def aminmax_abs(t: torch.Tensor) -> torch.Tensor:
+    low, high = torch.aminmax(t)
+    return torch.maximum(-low, high).float()
+
+
+def read_back(copy: WeightCopy, params: list[torch.Tensor]) -> torch.Tensor:
+    """`WeightCopy.distances` as it was up to the ninth stop: each chunk of the file read into one buffer (the
+    kernel copies it), then w subtracted from it in place."""
+    flat = [p.detach().reshape(-1) for p in params]
+    squares = torch.zeros(len(params), dtype=torch.float64)
+    buffer = torch.empty(max(c.nbytes for c in copy._chunks), dtype=torch.uint8)
+    copy._file.seek(0)
+    for chunk in copy._chunks:
+        raw = buffer[: chunk.nbytes]
+        copy._file.readinto(raw.numpy())
+        before = _segments(raw, chunk)
+        torch._foreach_sub_(before, [flat[i][start : start + n] for i, start, n in chunk.segments])
+        owners = torch.tensor([i for i, _, _ in chunk.segments])
+        squares.index_add_(0, owners, G.norms(before, 2.0).double().square())
+    return squares.sqrt().float()
 
 
 if __name__ == "__main__":

@@ -77,8 +77,9 @@ class Capture:
         packer.metrics("grad_zero_frac", keys, grouped.zero_frac)
         packer.metric("train/grad_norm_total", G.total_norm(stats))
         packer.metric("train/grad_nonfinite_total", stats.nonfinite.sum())
-        self._weight_norms = G.norms([p.detach() for p in self.b.params], 2.0)
         self._take_pre_step()
+        # the weights' norms before the step: beside a copy in a file they come later, with the update, from the copy
+        self._weight_norms = G.norms([p.detach() for p in self.b.params], 2.0) if self._before is not None else None
 
     def _take_pre_step(self) -> None:
         if self._pre_step_in_file:
@@ -100,15 +101,16 @@ class Capture:
 
     def updates(self, packer: Packer) -> None:
         """After the optimizer step: weight norms, ‖Δw‖/‖w‖ of the step actually taken, distance from init."""
-        if self._weight_norms is None or self._grad is None:
+        if self._grad is None:
             return
         if self._before is not None:
-            update, self._before = G.update_norms(self.b.params, self._before), None
+            assert self._weight_norms is not None
+            update, weight_norms, self._before = G.update_norms(self.b.params, self._before), self._weight_norms, None
         else:
             assert self._pre_step is not None
-            update = self._pre_step.distances(self.b.params)
+            update, weight_norms = self._pre_step.distances_and_norms(self.b.params)
         n, keys = self.n_param_groups, self.b.param_keys
-        weight = G.pooled_norm(self._weight_norms, self.param_index, n)
+        weight = G.pooled_norm(weight_norms, self.param_index, n)
         packer.metrics("weight_norm", keys, weight)
         packer.metrics("update_ratio", keys, G.pooled_norm(update, self.param_index, n) / weight.clamp_min(1e-12))
         if self._init is not None:
@@ -116,7 +118,7 @@ class Capture:
             packer.metrics("weight_dist_init", keys, G.pooled_norm(distance, self.param_index, n))
         g = self._grad
         zero_frac = g.zeros / g.numel.clamp_min(1)
-        table = torch.stack([g.sq_norm.sqrt(), g.max_abs, g.nonfinite, zero_frac, self._weight_norms, update, g.numel], dim=1)
+        table = torch.stack([g.sq_norm.sqrt(), g.max_abs, g.nonfinite, zero_frac, weight_norms, update, g.numel], dim=1)
         packer.array("param_stats", table)
         self._grad = None
 

@@ -91,15 +91,18 @@ def test_empty_input_is_an_error():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64, torch.bfloat16])
 def test_cpu_max_abs_and_nonzero_equal_the_fused_norms_used_on_cuda(dtype):
-    """The CPU path (aminmax, |x| counted as integers) gives exactly what the fused inf/L0 norms give, including
-    NaN (max is NaN; NaN counts as non-zero), ±Inf, -0.0, all-negative and empty tensors (max 0)."""
+    """The CPU path (the bits of |x| counted and maximised as integers) gives exactly what the fused inf/L0 norms
+    give, including NaN of either sign (max is NaN; NaN counts as non-zero), ±Inf, -0.0, subnormals, all-negative
+    and empty tensors (max 0)."""
     g = torch.Generator().manual_seed(2)
     cases = [
         *_tensors(),
         -torch.rand(6, generator=g) - 1,  # all negative: |min| is the max
         torch.tensor([-0.0, 0.0, -0.0]),
         torch.tensor([float("nan")]),
+        -torch.tensor([3.0, float("nan")]),  # a NaN with its sign bit set
         torch.tensor([1.0, float("-inf")]),
+        torch.tensor([-0.0, -torch.finfo(dtype).tiny / 4, torch.finfo(dtype).tiny / 8]),  # subnormals only
         torch.empty(0),
         torch.randn(3, 4, 5, generator=g),
     ]
@@ -121,11 +124,24 @@ def test_cpu_zero_count_in_pieces_equals_the_fused_l0_norm(monkeypatch, dtype):
     g = torch.Generator().manual_seed(3)
     scattered = torch.randn(9, 7, generator=g) * (torch.rand(9, 7, generator=g) > 0.4)
     scattered[scattered == 0] = torch.tensor([-0.0, 0.0]).repeat(40)[: int((scattered == 0).sum())]
-    scattered[1, 2], scattered[4, 4], scattered[8, 0] = float("nan"), float("inf"), float("-inf")
-    ts = [scattered.to(dtype), scattered.t().to(dtype), torch.tensor([-0.0, 1.0, 0.0], dtype=dtype), torch.zeros(6, dtype=dtype)]
+    with_inf = scattered.clone()
+    with_inf[6, 1], with_inf[8, 0] = float("inf"), float("-inf")  # Inf in the middle and in the last, short piece
+    with_nan = with_inf.clone()
+    with_nan[1, 2] = float("nan")
+    largest = scattered.abs().max().item()
+    scattered[5, 5] = -2 * largest  # the largest |x| is negative and in a piece of its own
+    ts = [t.to(dtype) for t in (scattered, scattered.t(), with_inf, with_nan, with_nan.t())]
+    ts += [torch.tensor([-0.0, 1.0, 0.0], dtype=dtype), torch.zeros(6, dtype=dtype)]
     expected = torch.stack([n.float() for n in torch._foreach_norm(ts, 0.0)])
     assert torch.equal(G.count_nonzero(ts), expected)
     assert expected[0].item() == (scattered != 0).sum().item() < scattered.numel() - 10  # the case holds many zeros
+    expected_max = torch.stack([n.float() for n in torch._foreach_norm(ts, float("inf"))])
+    torch.testing.assert_close(G.max_abs(ts), expected_max, equal_nan=True, rtol=0, atol=0)
+    top = ts[0].abs().max().item()
+    assert G.max_abs(ts)[:3].tolist() == [top, top, float("inf")]
+    assert G.max_abs(ts)[3:5].isnan().all()
+    counts, maxes = G.nonzero_and_max_abs(ts)
+    assert torch.equal(counts, expected) and torch.equal(maxes.nan_to_num(), expected_max.nan_to_num())
 
 
 @pytest.mark.parametrize("small", [4, 1 << 15], ids=["in-pieces", "whole"])
@@ -156,10 +172,13 @@ def test_a_dense_non_contiguous_tensor_is_counted_in_place(monkeypatch):
     gappy, expanded = base[:, 1], base[0, :, :1].expand(3, 4, 5)  # the latter overlaps itself
     ts = [*dense, gappy, expanded]
     assert G.count_nonzero(ts).tolist() == [float((t != 0).sum()) for t in ts]
+    assert G.max_abs(ts).tolist() == [t.abs().max().item() for t in ts]
 
 
-def test_cpu_zero_count_of_integer_tensors():
-    assert G.count_nonzero([torch.tensor([0, 3, -1, 0]), torch.tensor([1.0, 0.0])]).tolist() == [2.0, 1.0]
+def test_cpu_zero_count_and_max_of_integer_tensors():
+    ts = [torch.tensor([0, 3, -5, 0]), torch.tensor([1.0, 0.0]), torch.tensor([], dtype=torch.long)]
+    assert G.count_nonzero(ts).tolist() == [2.0, 1.0, 0.0]
+    assert G.max_abs(ts).tolist() == [5.0, 1.0, 0.0]
 
 
 def test_float64_tensors_get_float32_statistics():

@@ -22,6 +22,9 @@ def test_distances_equal_the_norm_of_the_difference_with_the_copy_taken_at_const
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), _independent(params, initial), rtol=1e-6, atol=0)
     torch.testing.assert_close(store.distances(params), got, rtol=0, atol=0)  # read back again: same answer
+    distances, copy_norms = store.distances_and_norms(params)  # the norms of the copy (the weights when it was taken)
+    torch.testing.assert_close(distances, got, rtol=0, atol=0)
+    torch.testing.assert_close(copy_norms.double(), torch.stack([torch.linalg.vector_norm(w.double()) for w in initial]), rtol=1e-6, atol=0)
     assert all(torch.equal(p.detach(), p.detach().clone()) for p in params)
     store.close()
 
@@ -124,6 +127,8 @@ def test_cuda_copy_is_in_pinned_host_memory_and_equals_the_independent_norm():
     for p in params:
         p.add_(0.25)
     torch.testing.assert_close(store.distances(params).double(), _independent(params, initial), rtol=1e-6, atol=0)
+    copy_norms = store.distances_and_norms(params)[1]
+    torch.testing.assert_close(copy_norms.double(), torch.stack([torch.linalg.vector_norm(w.double()) for w in initial]), rtol=1e-6, atol=0)
     store.take(params)  # non-blocking copies into the same pinned buffer, ordered by the stream
     assert torch.cuda.memory_allocated() == before
     assert store.distances(params).tolist() == [0.0, 0.0]

@@ -66,28 +66,32 @@ def norms(tensors: Sequence[Tensor], ord: float) -> Tensor:
 
 def max_abs(tensors: Sequence[Tensor]) -> Tensor:
     """max |x| of each tensor as float32, NaN where a tensor holds a NaN. On CUDA one fused inf-norm kernel; on
-    the CPU torch's inf-norm is a scalar loop (29 ms for ResNet-18's gradients on one core), so there it is the
-    larger of -min and max from one `aminmax` pass per tensor (1.9 ms)."""
+    the CPU (where torch's inf-norm is a scalar loop, 29 ms for ResNet-18's gradients on one core) see
+    `nonzero_and_max_abs`."""
     if tensors[0].device.type != "cpu":  # an empty tensor has no inf-norm: a zero stand-in gives it 0
         return norms([t if t.numel() else t.new_zeros(1) for t in tensors], float("inf"))
-    out = []
-    for t in tensors:
-        if t.numel() == 0:
-            out.append(torch.zeros((), dtype=torch.float32))
-            continue
-        low, high = torch.aminmax(t)
-        out.append(torch.maximum(-low, high).float())  # maximum propagates NaN
-    return torch.stack(out)
+    return nonzero_and_max_abs(tensors)[1]
 
 
 def count_nonzero(tensors: Sequence[Tensor]) -> Tensor:
     """Entries that are not exactly zero (NaN counts as non-zero, -0.0 as zero) of each tensor, as float32: the
-    L0 "norm", one fused kernel on CUDA. On the CPU that norm and `torch.count_nonzero` on floats slow down
-    tenfold when zeros are scattered (ReLU gradients, dead units: 30 ms instead of 2.6 ms for ResNet-18), so there
-    the bits of |x| (-0.0 made 0.0) are counted as integers, whatever the data (3.9 ms)."""
+    L0 "norm", one fused kernel on CUDA. On the CPU see `nonzero_and_max_abs`."""
     if tensors[0].device.type != "cpu":
         return norms(tensors, 0.0)
-    return _count_nonzero_bits(tensors, torch.abs)
+    return nonzero_and_max_abs(tensors)[0]
+
+
+def nonzero_and_max_abs(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    """`count_nonzero` and `max_abs` together. On the CPU from one pass over the bits of |x| read as integers (|x|
+    turns -0.0 into 0.0; with the sign bit clear, integers order as the floats they encode, and NaN's bits lie
+    above Inf's): the L0 norm and `torch.count_nonzero` on floats slow down tenfold when zeros are scattered (ReLU
+    gradients, dead units: 30 ms instead of 2.6 ms for ResNet-18's gradients), the inf-norm is a scalar loop, and
+    a separate `aminmax` pass is one more read of every gradient."""
+    if tensors[0].device.type != "cpu":
+        return count_nonzero(tensors), max_abs(tensors)
+    counts, largest = _count_nonzero_bits(tensors, torch.abs, largest=True)
+    assert largest is not None
+    return counts, largest
 
 
 def count_nonfinite(tensors: Sequence[Tensor], max_abs: Tensor | None = None) -> Tensor:
@@ -100,31 +104,52 @@ def count_nonfinite(tensors: Sequence[Tensor], max_abs: Tensor | None = None) ->
     if tensors[0].device.type == "cpu":
         if max_abs is not None and bool(max_abs.isfinite().all()):
             return torch.zeros(len(tensors), dtype=torch.float32)
-        return _count_nonzero_bits(tensors, lambda x, out=None: torch.sub(x, x, out=out))
+        return _count_nonzero_bits(tensors, lambda x, out=None: torch.sub(x, x, out=out))[0]
     return torch.cat([norms(torch._foreach_mul(chunk, 0.0), 0.0) for chunk in _chunks(tensors)])
 
 
-def _count_nonzero_bits(tensors: Sequence[Tensor], op: Callable[..., Tensor]) -> Tensor:
+def _count_nonzero_bits(tensors: Sequence[Tensor], op: Callable[..., Tensor], largest: bool = False) -> tuple[Tensor, Tensor | None]:
     """Per tensor, the entries where the elementwise `op(x, out=None)` gives a float whose bits are not all zero,
-    as float32. A large tensor goes in pieces through one buffer of at most 2 MB: no large temporary, and the piece
-    stays in the cache while it is counted. Gradients that track autograd (`create_graph=True`) are read detached."""
+    as float32, and with `largest` the largest result read as an integer, back in the float type (0 for an empty
+    tensor). A large tensor goes in pieces through one buffer of at most 2 MB: no large temporary, and the piece
+    stays in the cache while it is reduced. Gradients that track autograd (`create_graph=True`) are read detached."""
     buffers: dict[torch.dtype, Tensor] = {}
-    out = []
+    counts: list[Tensor] = []
+    tops: list[Tensor] = []  # per tensor, the largest value's bits (an integer tensor's value)
     for t in tensors:
         t = t.detach()
-        bits = _SAME_SIZE_INT.get(t.dtype)
-        if bits is None:  # e.g. an integer tensor: count its values
-            out.append(torch.count_nonzero(op(t)))
-        elif t.numel() <= _SMALL:  # a temporary on the heap costs less than slicing a buffer
-            out.append(torch.count_nonzero(op(t).view(bits)))
-        else:
-            buffer = buffers.get(t.dtype)
-            if buffer is None:
-                buffer = buffers[t.dtype] = torch.empty(CPU_COUNT_CHUNK, dtype=t.dtype)
-            flat = _flat(t)
-            pieces = (flat[i : i + CPU_COUNT_CHUNK] for i in range(0, flat.numel(), CPU_COUNT_CHUNK))
-            out.append(sum(torch.count_nonzero(op(p, out=buffer[: p.numel()]).view(bits)) for p in pieces))
-    return torch.stack(out).float()
+        bits = _SAME_SIZE_INT.get(t.dtype, t.dtype)  # an integer tensor: its values
+        if t.numel() <= _SMALL:  # a temporary on the heap costs less than slicing a buffer
+            values = op(t).view(bits)
+            counts.append(torch.count_nonzero(values))
+            if largest:
+                tops.append(values.amax() if t.numel() else torch.zeros((), dtype=bits))
+            continue
+        buffer = buffers.get(t.dtype)
+        if buffer is None:
+            buffer = buffers[t.dtype] = torch.empty(CPU_COUNT_CHUNK, dtype=t.dtype)
+        flat = _flat(t)
+        count, top = None, None
+        for i in range(0, flat.numel(), CPU_COUNT_CHUNK):
+            piece = flat[i : i + CPU_COUNT_CHUNK]
+            values = op(piece, out=buffer[: piece.numel()]).view(bits)
+            n = torch.count_nonzero(values)
+            count = n if count is None else count + n
+            if largest:
+                m = values.amax()
+                top = m if top is None else torch.maximum(top, m)
+        counts.append(count)
+        if largest:
+            tops.append(top)
+    return torch.stack(counts).float(), _floats_of(tops, tensors) if largest else None
+
+
+def _floats_of(bits: list[Tensor], like: Sequence[Tensor]) -> Tensor:
+    """The float32 values of per-tensor scalars held as the bits of each tensor's float type (or as integers)."""
+    dtypes = {t.dtype for t in like}
+    if len(dtypes) == 1 and (dtype := dtypes.pop()) in _SAME_SIZE_INT:
+        return torch.stack(bits).view(dtype).float()  # the usual case: one conversion
+    return torch.stack([(b.view(t.dtype) if t.dtype in _SAME_SIZE_INT else b).float() for b, t in zip(bits, like, strict=True)])
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -157,8 +182,7 @@ def tensor_stats(tensors: Sequence[Tensor], numel: Tensor | None = None, l2: Ten
         raise ValueError("tensor_stats needs at least one tensor, got an empty sequence")
     l2 = norms(tensors, 2.0) if l2 is None else l2
     numel = numels(tensors) if numel is None else numel
-    nonzero = count_nonzero(tensors)  # counts NaN as non-zero, so zeros are exact zeros only
-    largest = max_abs(tensors)
+    nonzero, largest = nonzero_and_max_abs(tensors)  # counts NaN as non-zero, so zeros are exact zeros only
     return TensorStats(
         sq_norm=l2.square(),
         max_abs=largest,

@@ -12,8 +12,9 @@ time, and only while the distances are computed.
 
 from __future__ import annotations
 
+import mmap
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,7 @@ from torch import Tensor
 from trainwatch.probes.gradients import norms
 
 CHUNK_NUMEL = 1 << 20  # elements per read-back chunk: 4 MB of float32
+MAP_BYTES = 64 << 20  # beside the CPU, how much of the copy's file is mapped at a time
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,9 @@ class _Chunk:
     nbytes: int
     dtype: torch.dtype
     segments: tuple[tuple[int, int, int], ...]  # (parameter index, first element, elements)
-    owners: Tensor  # parameter index of each segment, on the device
 
 
-def _plan(params: Sequence[Tensor], chunk_numel: int, device: torch.device) -> list[_Chunk]:
+def _plan(params: Sequence[Tensor], chunk_numel: int) -> list[_Chunk]:
     """Cut the parameters, in order, into chunks of at most `chunk_numel` elements of one dtype: many small
     parameters share a chunk (one read, one fused subtraction), a large one spans several."""
     chunks: list[_Chunk] = []
@@ -46,8 +47,7 @@ def _plan(params: Sequence[Tensor], chunk_numel: int, device: torch.device) -> l
     def close() -> None:
         nonlocal segments, byte_start, size
         if segments:
-            owners = torch.tensor([s[0] for s in segments], dtype=torch.long).to(device)
-            chunks.append(_Chunk(byte_start, size * dtype.itemsize, dtype, tuple(segments), owners))
+            chunks.append(_Chunk(byte_start, size * dtype.itemsize, dtype, tuple(segments)))
             byte_start += size * dtype.itemsize
         segments, size = [], 0
 
@@ -76,8 +76,9 @@ class WeightCopy:
             raise ValueError("WeightCopy needs at least one parameter")
         self.device = params[0].device
         self._signature = [(p.numel(), p.dtype) for p in params]
-        self._chunks = _plan(params, chunk_numel, self.device)
-        nbytes = sum(p.numel() * p.dtype.itemsize for p in params)
+        self._chunks = _plan(params, chunk_numel)
+        self._owners = torch.tensor([s[0] for c in self._chunks for s in c.segments], dtype=torch.long).to(self.device)  # of each segment
+        nbytes = self._nbytes = sum(p.numel() * p.dtype.itemsize for p in params)
         if self.device.type == "cuda":
             self._host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # allocated pinned: no pageable twin
         else:
@@ -102,40 +103,72 @@ class WeightCopy:
         self._file.flush()
 
     def distances(self, params: Sequence[Tensor]) -> Tensor:
-        """Per-parameter ‖w − w_copy‖ as a float32 vector on the parameters' device; each chunk costs one read (or
-        one non-blocking host→device copy), one fused subtraction and one fused norm."""
+        """Per-parameter ‖w − w_copy‖ as a float32 vector on the parameters' device, one fused norm per chunk.
+        Beside the CPU the file is mapped, not read (the kernel's copy into a buffer cost as much as the
+        arithmetic), and w − w_copy goes to a scratch chunk that stays in the cache; elsewhere each chunk comes to
+        the device and is subtracted in place."""
+        return self._measure(params, with_norms=False)[0]
+
+    def distances_and_norms(self, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        """`distances`, and the per-parameter norms ‖w_copy‖ of the copy itself, read while its chunk is in the
+        cache (the weights before the step, for the pre-step copy: a pass over the weights saved)."""
+        distances, copy_norms = self._measure(params, with_norms=True)
+        assert copy_norms is not None
+        return distances, copy_norms
+
+    def _measure(self, params: Sequence[Tensor], with_norms: bool) -> tuple[Tensor, Tensor | None]:
         self._check(params, "distances")
         flat = [p.detach().reshape(-1) for p in params]
-        squares = torch.zeros(len(params), dtype=torch.float64, device=self.device)
-        buffer = None
-        if self.device.type != "cuda":
-            self._file.seek(0)
-            # Allocated per call, not kept: a standing chunk would be one more allocation alive at the training
-            # step's memory peak, every step, for a buffer used only at logged steps.
-            buffer = torch.empty(max((c.nbytes for c in self._chunks), default=0), dtype=torch.uint8)
-        for chunk in self._chunks:
-            raw = self._read(chunk, buffer)
-            copy, offset = [], 0
-            for _, _, n in chunk.segments:
-                copy.append(raw[offset : offset + n * chunk.dtype.itemsize].view(chunk.dtype))
-                offset += n * chunk.dtype.itemsize
-            torch._foreach_sub_(copy, [flat[i][start : start + n] for i, start, n in chunk.segments])
-            squares.index_add_(0, chunk.owners, norms(copy, 2.0).double().square())
+        distance_parts, norm_parts = [], []
+        # Allocated per call, not kept: a standing chunk would be one more allocation alive at the training
+        # step's memory peak, every step, for a buffer used only at logged steps.
+        scratch = torch.empty(max((c.nbytes for c in self._chunks), default=0), dtype=torch.uint8) if self.device.type == "cpu" else None
+        for chunk, raw in self._chunk_bytes():
+            weights = [flat[i][start : start + n] for i, start, n in chunk.segments]
+            copy = _segments(raw, chunk)
+            if with_norms:
+                norm_parts.append(norms(copy, 2.0))
+            if scratch is None:
+                torch._foreach_sub_(copy, weights)  # a fresh tensor on the device
+                difference = copy
+            else:
+                difference = [torch.sub(w, c, out=d) for w, c, d in zip(weights, copy, _segments(scratch, chunk), strict=True)]
+            distance_parts.append(norms(difference, 2.0))
+        return self._per_parameter(distance_parts), self._per_parameter(norm_parts) if with_norms else None
+
+    def _per_parameter(self, segment_norms: list[Tensor]) -> Tensor:
+        """Per-parameter norms from the norms of their segments, as float32."""
+        squares = torch.zeros(len(self._signature), dtype=torch.float64, device=self.device)
+        if segment_norms:
+            squares.index_add_(0, self._owners, torch.cat(segment_norms).double().square())
         return squares.sqrt().float()
 
     def _check(self, params: Sequence[Tensor], what: str) -> None:
         if [(p.numel(), p.dtype) for p in params] != self._signature:
             raise ValueError(f"WeightCopy.{what} needs the parameters it was built from (same sizes and dtypes)")
 
-    def _read(self, chunk: _Chunk, buffer: Tensor | None) -> Tensor:
-        """The chunk's bytes of the copy on the training device, in a buffer the caller may overwrite (beside the
-        CPU, read from the file into `buffer`)."""
-        if buffer is None:
-            part = self._host[chunk.byte_start : chunk.byte_start + chunk.nbytes]
-            return torch.empty(chunk.nbytes, dtype=torch.uint8, device=self.device).copy_(part, non_blocking=True)
-        raw = buffer[: chunk.nbytes]
-        self._file.readinto(raw.numpy())  # the chunks are read in file order
-        return raw if self.device.type == "cpu" else raw.to(self.device)  # e.g. Apple's "mps"
+    def _chunk_bytes(self) -> Iterator[tuple[_Chunk, Tensor]]:
+        """Each chunk with its bytes of the copy. On CUDA a fresh tensor on the device; otherwise a read-only
+        view of the file's pages, mapped `MAP_BYTES` at a time (the mapping goes with the last view of it), and
+        moved to the device if that is not the CPU (e.g. Apple's "mps")."""
+        window, window_start, window_end = torch.empty(0, dtype=torch.uint8), 0, 0
+        for chunk in self._chunks:
+            start, end = chunk.byte_start, chunk.byte_start + chunk.nbytes
+            if self.device.type == "cuda":
+                yield (
+                    chunk,
+                    torch.empty(chunk.nbytes, dtype=torch.uint8, device=self.device).copy_(self._host[start:end], non_blocking=True),
+                )
+                continue
+            if end > window_end:
+                window_start = start - start % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a boundary
+                window_end = min(self._nbytes, max(window_start + MAP_BYTES, end))
+                # ACCESS_COPY: a private mapping, read in place from the page cache and never written; unlike
+                # ACCESS_READ a writable buffer, which torch.frombuffer takes without a warning.
+                pages = mmap.mmap(self._file.fileno(), window_end - window_start, access=mmap.ACCESS_COPY, offset=window_start)
+                window = torch.frombuffer(pages, dtype=torch.uint8)
+            raw = window[start - window_start : end - window_start]
+            yield chunk, raw if self.device.type == "cpu" else raw.to(self.device)
 
     def close(self) -> None:
         """Drop the copy (the file is deleted when closed)."""
@@ -143,6 +176,15 @@ class WeightCopy:
             self._host = torch.empty(0, dtype=torch.uint8)
         else:
             self._file.close()
+
+
+def _segments(raw: Tensor, chunk: _Chunk) -> list[Tensor]:
+    """The chunk's bytes as one tensor of its dtype per segment."""
+    views, offset = [], 0
+    for _, _, n in chunk.segments:
+        views.append(raw[offset : offset + n * chunk.dtype.itemsize].view(chunk.dtype))
+        offset += n * chunk.dtype.itemsize
+    return views
 
 
 def _bytes_of(flat: Tensor) -> Tensor:
