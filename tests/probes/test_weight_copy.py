@@ -1,6 +1,9 @@
+import mmap
+
 import pytest
 import torch
 
+from trainwatch.probes import weight_copy
 from trainwatch.probes.weight_copy import WeightCopy
 
 
@@ -26,6 +29,34 @@ def test_distances_equal_the_norm_of_the_difference_with_the_copy_taken_at_const
     torch.testing.assert_close(distances, got, rtol=0, atol=0)
     torch.testing.assert_close(copy_norms.double(), torch.stack([torch.linalg.vector_norm(w.double()) for w in initial]), rtol=1e-6, atol=0)
     assert all(torch.equal(p.detach(), p.detach().clone()) for p in params)
+    store.close()
+
+
+@pytest.mark.parametrize("map_bytes", [1, 5000, weight_copy.MAP_BYTES])
+@pytest.mark.parametrize("chunk_numel", [7, 1000])
+def test_the_file_is_mapped_a_window_at_a_time(monkeypatch, tmp_path, map_bytes, chunk_numel):
+    """Beside the CPU the copy's file is mapped in windows that start on the mapping granularity, not at the
+    chunks (which start anywhere), and are no larger than needed for a window of `MAP_BYTES` or one chunk: mapped
+    pages count in the process's resident size. Distances are the same whatever the windows."""
+    monkeypatch.setattr(weight_copy, "MAP_BYTES", map_bytes)
+    mapped: list[tuple[int, int]] = []
+    real_mmap = mmap.mmap
+
+    def spy(fileno: int, length: int, **kwargs: object) -> mmap.mmap:
+        mapped.append((int(kwargs.get("offset", 0)), length))  # type: ignore[call-overload]
+        return real_mmap(fileno, length, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mmap, "mmap", spy)
+    g = torch.Generator().manual_seed(5)
+    params = [torch.randn(*shape, generator=g) for shape in [(3001,), (5,), (40, 41), (2,)]]
+    initial = [p.clone() for p in params]
+    store = WeightCopy(params, directory=str(tmp_path), chunk_numel=chunk_numel)
+    for p in params:
+        p.add_(torch.randn(p.shape, generator=g))
+    torch.testing.assert_close(store.distances(params).double(), _independent(params, initial), rtol=1e-6, atol=0)
+    assert mapped and all(offset % mmap.ALLOCATIONGRANULARITY == 0 for offset, _ in mapped)
+    assert max(length for _, length in mapped) <= max(map_bytes, 4 * chunk_numel) + mmap.ALLOCATIONGRANULARITY
+    assert sum(length for _, length in mapped) >= 4 * (3001 + 5 + 40 * 41 + 2)  # every byte mapped
     store.close()
 
 

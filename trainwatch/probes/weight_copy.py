@@ -6,8 +6,9 @@ step). A copy beside the model would hold one more model's worth of the training
 the copy lives in pinned host memory and comes back in chunks by non-blocking copies (no host sync); next to the
 CPU (or another accelerator) it is an unlinked temporary file, held by the page cache rather than by the process
 (the kernel can write it back and reclaim it under memory pressure, which it cannot do with the process's own
-memory on a machine without swap), read back chunk by chunk. Either way the training device holds one chunk at a
-time, and only while the distances are computed.
+memory on a machine without swap), mapped a window of a few MB at a time while distances are computed (mapped
+pages count in the process's resident size). Either way the training device holds one chunk at a time, and only
+while the distances are computed.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import Tensor
 from trainwatch.probes.gradients import norms
 
 CHUNK_NUMEL = 1 << 20  # elements per read-back chunk: 4 MB of float32
-MAP_BYTES = 64 << 20  # beside the CPU, how much of the copy's file is mapped at a time
+MAP_BYTES = 4 << 20  # beside the CPU, how much of the copy's file is mapped at a time (mapped pages count in the RSS)
 
 
 @dataclass(frozen=True)
