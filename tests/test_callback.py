@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import math
+import mmap
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -212,10 +215,20 @@ def test_logged_values_equal_independent_computation(store, precision, monkeypat
     assert run.info.status == "FINISHED"
 
 
-def test_an_unwritable_temporary_directory_costs_the_distance_from_init_not_the_run(store, tmp_path, monkeypatch, caplog):
-    """The weight copies go to temporary files: if they cannot be written, training goes on, the update ratio is
-    measured from a copy in memory, and two warnings say what is missing and how to fix it."""
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
+@pytest.mark.parametrize("failure", ["unwritable", "unmappable"])
+def test_an_unwritable_temporary_directory_costs_the_distance_from_init_not_the_run(store, tmp_path, monkeypatch, caplog, failure):
+    """The weight copies go to temporary files, read back mapped into memory: if they cannot be written (a
+    missing or read-only TMPDIR) or mapped (a file system without mmap, ENODEV), training goes on, the update ratio
+    is measured from a copy in memory, and two warnings, at setup and at the first logged step, say what is
+    missing and how to fix it."""
+    if failure == "unwritable":
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
+    else:
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))  # what mmap(2) says on such a file system
+
+        monkeypatch.setattr(mmap, "mmap", refuse)
     pl.seed_everything(0)
     train, val = loaders(blobs())
     rec = Recorder(1, blobs().tensors[0][:8])
@@ -227,8 +240,9 @@ def test_an_unwritable_temporary_directory_costs_the_distance_from_init_not_the_
     for step, ratio in ratios.items():
         assert ratio == pytest.approx(_module_norm(rec.update[step], "0") / _module_norm(rec.before[step], "0"), rel=1e-4)
     assert "weight_dist_init/net.0" not in run.data.metrics
-    said = [r.getMessage() for r in caplog.records if "could not be written to a temporary file" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "could not be kept in a temporary file" in r.getMessage()]
     assert len(said) == 2 and all("TMPDIR" in m for m in said)
+    assert all(("cannot be mapped" in m) == (failure == "unmappable") for m in said)
     assert "weight_dist_init is not logged" in said[0] and "copied in memory from now on" in said[1]
     assert run.info.status == "FINISHED"
 

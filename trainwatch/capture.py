@@ -24,7 +24,7 @@ _TMPDIR_FIX = "Point TMPDIR at a writable disk with room for a copy of the model
 
 
 def _unwritable(error: OSError) -> str:
-    return f"a copy of the weights could not be written to a temporary file ({type(error).__name__}: {error})"
+    return f"a copy of the weights could not be kept in a temporary file ({type(error).__name__}: {error})"
 
 
 class Capture:

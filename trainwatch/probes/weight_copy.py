@@ -23,7 +23,7 @@ from torch import Tensor
 
 from trainwatch.probes.gradients import norms
 
-CHUNK_NUMEL = 1 << 20  # elements per read-back chunk: 4 MB of float32
+CHUNK_NUMEL = 1 << 20  # elements per chunk the distances take at a time: 4 MB of float32
 MAP_BYTES = 4 << 20  # beside the CPU, how much of the copy's file is mapped at a time (mapped pages count in the RSS)
 
 
@@ -85,6 +85,12 @@ class WeightCopy:
         else:
             self._file = tempfile.TemporaryFile(dir=directory, prefix="trainwatch-weights-")  # unlinked: gone with the process
         self.take(params)
+        if self.device.type != "cuda" and nbytes:
+            try:  # now, not at the first logged step: a file system that cannot map files (ENODEV) is refused here
+                mmap.mmap(self._file.fileno(), min(nbytes, MAP_BYTES), access=mmap.ACCESS_COPY).close()
+            except OSError as error:
+                self._file.close()
+                raise OSError(error.errno, f"the temporary file cannot be mapped into memory ({error.strerror or error})") from error
 
     def take(self, params: Sequence[Tensor]) -> None:
         """Overwrite the copy with the current values of `params` (the ones it was built from), in place: no
