@@ -746,18 +746,20 @@ class TrainWatch(pl.Callback):
             self._complete(trainer, pl_module, batch_end=False)  # several optimizers per batch: the previous step is done
         acting = self.on_nonfinite != "warn"
         watch = self._nonfinite if (acting or trainer.is_global_zero) else None  # "warn" needs it on rank zero only
-        bad = watch.check(step) if watch is not None else None
+        grads_logged, grad_norms = False, None
         if self._due_step != step and (self._due(trainer, at) or self._act_due(trainer, at) or self._cam_due(at)):
             self._due_step, self._due_at = step, at
             if trainer.is_global_zero:
                 assert self._capture is not None
                 self._packer = Packer(step)
                 if self._due(trainer, at):
-                    self._capture.gradients(self._packer, watch.norms if watch is not None else None)
+                    grads_logged, grad_norms = True, self._capture.gradients(self._packer)  # the check reuses its norms
                     # read now: Lightning steps "step"-interval schedulers before on_train_batch_end
                     self._packer.host_metrics.update(dynamics.learning_rates(trainer.optimizers))
-                    if watch is not None:
-                        watch.pack(self._packer)
+        bad = watch.check(step, grad_norms) if watch is not None else None
+        if grads_logged and watch is not None:
+            assert self._packer is not None
+            watch.pack(self._packer)  # after this step's check
         if acting and bad is not None and bool(bad):  # the one host sync per step these modes cost
             self._act_on_nonfinite(trainer, step)
 

@@ -62,12 +62,12 @@ class Capture:
     def n_param_groups(self) -> int:
         return len(self.b.param_keys)
 
-    def gradients(self, packer: Packer, l2: Tensor | None = None) -> None:
-        """Gradient statistics now (accumulated, unscaled, reduced, not yet clipped), and the weights
-        before the optimizer step, for the update ratio. `l2`: this step's per-parameter gradient norms, if known."""
+    def gradients(self, packer: Packer) -> Tensor | None:
+        """Gradient statistics now (accumulated, unscaled, reduced, not yet clipped), and the weights before the
+        optimizer step, for the update ratio. Returns the per-parameter gradient L2 norms, for the non-finite check."""
         if not self.b.params:
-            return
-        stats = G.grad_stats(self.b.params, self.numel, l2)
+            return None
+        stats = G.grad_stats(self.b.params, self.numel)
         self._grad = stats
         grouped = G.group_grad_stats(stats, self.param_index, self.n_param_groups)
         keys = self.b.param_keys
@@ -80,6 +80,7 @@ class Capture:
         self._take_pre_step()
         # the weights' norms before the step: beside a copy in a file they come later, with the update, from the copy
         self._weight_norms = G.norms([p.detach() for p in self.b.params], 2.0) if self._before is not None else None
+        return stats.sq_norm.sqrt()
 
     def _take_pre_step(self) -> None:
         if self._pre_step_in_file:

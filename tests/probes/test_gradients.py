@@ -142,6 +142,10 @@ def test_cpu_zero_count_in_pieces_equals_the_fused_l0_norm(monkeypatch, dtype):
     assert G.max_abs(ts)[3:5].isnan().all()
     counts, maxes = G.nonzero_and_max_abs(ts)
     assert torch.equal(counts, expected) and torch.equal(maxes.nan_to_num(), expected_max.nan_to_num())
+    stats = G.tensor_stats(ts)  # the L2 norms from the same pass, in pieces (float64 sums of float32 piece norms)
+    torch.testing.assert_close(stats.sq_norm.sqrt(), G.norms(ts, 2.0), equal_nan=True, rtol=2e-6, atol=0)
+    assert torch.equal(stats.zeros, stats.numel - expected) and torch.equal(stats.max_abs.nan_to_num(), expected_max.nan_to_num())
+    assert stats.nonfinite.tolist() == [0.0, 0.0, 2.0, 3.0, 3.0, 0.0, 0.0]
 
 
 @pytest.mark.parametrize("small", [4, 1 << 15], ids=["in-pieces", "whole"])

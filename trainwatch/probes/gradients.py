@@ -89,9 +89,9 @@ def nonzero_and_max_abs(tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
     a separate `aminmax` pass is one more read of every gradient."""
     if tensors[0].device.type != "cpu":
         return count_nonzero(tensors), max_abs(tensors)
-    counts, largest = _count_nonzero_bits(tensors, torch.abs, largest=True)
-    assert largest is not None
-    return counts, largest
+    stats = _abs_pass(tensors, largest=True)
+    assert stats.largest is not None
+    return stats.nonzero, stats.largest
 
 
 def count_nonfinite(tensors: Sequence[Tensor], max_abs: Tensor | None = None) -> Tensor:
@@ -104,44 +104,56 @@ def count_nonfinite(tensors: Sequence[Tensor], max_abs: Tensor | None = None) ->
     if tensors[0].device.type == "cpu":
         if max_abs is not None and bool(max_abs.isfinite().all()):
             return torch.zeros(len(tensors), dtype=torch.float32)
-        return _count_nonzero_bits(tensors, lambda x, out=None: torch.sub(x, x, out=out))[0]
+        return _abs_pass(tensors, op=lambda x, out=None: torch.sub(x, x, out=out)).nonzero
     return torch.cat([norms(torch._foreach_mul(chunk, 0.0), 0.0) for chunk in _chunks(tensors)])
 
 
-def _count_nonzero_bits(tensors: Sequence[Tensor], op: Callable[..., Tensor], largest: bool = False) -> tuple[Tensor, Tensor | None]:
-    """Per tensor, the entries where the elementwise `op(x, out=None)` gives a float whose bits are not all zero,
-    as float32, and with `largest` the largest result read as an integer, back in the float type (0 for an empty
-    tensor). A large tensor goes in pieces through one buffer of at most 2 MB: no large temporary, and the piece
-    stays in the cache while it is reduced. Gradients that track autograd (`create_graph=True`) are read detached."""
+class _PassStats(NamedTuple):
+    nonzero: Tensor  # float32 per tensor: entries whose result has bits that are not all zero
+    largest: Tensor | None  # float32 per tensor: the largest result (0 for an empty tensor)
+    l2: Tensor | None  # float32 per tensor: the L2 norm of the results
+
+
+def _abs_pass(tensors: Sequence[Tensor], op: Callable[..., Tensor] = torch.abs, largest: bool = False, l2: bool = False) -> _PassStats:
+    """One pass on the CPU over each tensor's elementwise `op(x, out=None)` (by default |x|): the entries whose
+    result is not all zero bits, and optionally the largest result, read as an integer and returned in the float
+    type, and the results' L2 norm. A large tensor goes in pieces through one buffer of at most 2 MB: no large
+    temporary, and each piece stays in the cache while it is reduced. Gradients that track autograd
+    (`create_graph=True`) are read detached; an integer tensor's values are counted and maximised as they are."""
     buffers: dict[torch.dtype, Tensor] = {}
     counts: list[Tensor] = []
-    tops: list[Tensor] = []  # per tensor, the largest value's bits (an integer tensor's value)
+    tops: list[Tensor] = []  # per tensor, the largest result's bits
+    squares: list[Tensor] = []  # per tensor, the sum of the squared results, float64
     for t in tensors:
         t = t.detach()
-        bits = _SAME_SIZE_INT.get(t.dtype, t.dtype)  # an integer tensor: its values
+        bits = _SAME_SIZE_INT.get(t.dtype, t.dtype)
         if t.numel() <= _SMALL:  # a temporary on the heap costs less than slicing a buffer
-            values = op(t).view(bits)
-            counts.append(torch.count_nonzero(values))
-            if largest:
-                tops.append(values.amax() if t.numel() else torch.zeros((), dtype=bits))
-            continue
-        buffer = buffers.get(t.dtype)
-        if buffer is None:
-            buffer = buffers[t.dtype] = torch.empty(CPU_COUNT_CHUNK, dtype=t.dtype)
-        flat = _flat(t)
-        count, top = None, None
-        for i in range(0, flat.numel(), CPU_COUNT_CHUNK):
-            piece = flat[i : i + CPU_COUNT_CHUNK]
-            values = op(piece, out=buffer[: piece.numel()]).view(bits)
+            pieces = [op(t)]
+        else:
+            buffer = buffers.get(t.dtype)
+            if buffer is None:
+                buffer = buffers[t.dtype] = torch.empty(CPU_COUNT_CHUNK, dtype=t.dtype)
+            flat = _flat(t)
+            pieces = (op(part, out=buffer[: part.numel()]) for part in flat.split(CPU_COUNT_CHUNK))
+        count = top = square = None
+        for piece in pieces:  # each reduced while it is in the cache
+            values = piece.view(bits)
             n = torch.count_nonzero(values)
             count = n if count is None else count + n
-            if largest:
+            if largest and piece.numel():
                 m = values.amax()
                 top = m if top is None else torch.maximum(top, m)
-        counts.append(count)
-        if largest:
-            tops.append(top)
-    return torch.stack(counts).float(), _floats_of(tops, tensors) if largest else None
+            if l2:
+                q = torch.linalg.vector_norm(piece, dtype=None if piece.dtype == torch.float64 else torch.float32).double().square()
+                square = q if square is None else square + q
+        counts.append(count if count is not None else torch.zeros((), dtype=torch.long))
+        tops.append(top if top is not None else torch.zeros((), dtype=bits))
+        squares.append(square if square is not None else torch.zeros((), dtype=torch.float64))
+    return _PassStats(
+        torch.stack(counts).float(),
+        _floats_of(tops, tensors) if largest else None,
+        torch.stack(squares).sqrt().float() if l2 else None,
+    )
 
 
 def _floats_of(bits: list[Tensor], like: Sequence[Tensor]) -> Tensor:
@@ -180,9 +192,14 @@ def tensor_stats(tensors: Sequence[Tensor], numel: Tensor | None = None, l2: Ten
     """
     if not tensors:
         raise ValueError("tensor_stats needs at least one tensor, got an empty sequence")
-    l2 = norms(tensors, 2.0) if l2 is None else l2
     numel = numels(tensors) if numel is None else numel
-    nonzero, largest = nonzero_and_max_abs(tensors)  # counts NaN as non-zero, so zeros are exact zeros only
+    if l2 is None and tensors[0].device.type == "cpu":  # all three from one pass over |x|
+        stats = _abs_pass(tensors, largest=True, l2=True)
+        nonzero, largest, l2 = stats.nonzero, stats.largest, stats.l2
+        assert largest is not None and l2 is not None
+    else:
+        l2 = norms(tensors, 2.0) if l2 is None else l2
+        nonzero, largest = nonzero_and_max_abs(tensors)  # counts NaN as non-zero, so zeros are exact zeros only
     return TensorStats(
         sq_norm=l2.square(),
         max_abs=largest,

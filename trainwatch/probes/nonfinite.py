@@ -28,15 +28,17 @@ class NonfiniteWatch:
         self.bad_steps = torch.zeros((), dtype=torch.float64, device=device)
         self._stand_in = torch.zeros(1, device=device)
         self._clean = torch.zeros((), dtype=torch.bool, device=device)
-        self.norms: Tensor | None = None  # this step's per-parameter gradient L2 norms, for the logged step's statistics
 
-    def check(self, step: int) -> Tensor:
-        """Flag this step's gradients; returns a device bool scalar (True if any gradient is NaN/Inf)."""
-        grads = [p.grad if p.grad is not None else self._stand_in for p in self.params]
-        if not grads:
+    def check(self, step: int, grad_norms: Tensor | None = None) -> Tensor:
+        """Flag this step's gradients; returns a device bool scalar (True if any gradient is NaN/Inf).
+        `grad_norms`: this step's per-parameter gradient L2 norms, when a logged step has computed them already."""
+        if not self.params:
             return torch.zeros((), dtype=torch.bool, device=self.first_step.device)
-        # ord=2, not inf: the same answer for NaN/Inf, and 16x faster on CPU (max-abs is not vectorised there)
-        per_param = self.norms = norms(grads, 2.0)  # accumulated in float32: an fp16 norm above 65504 is no NaN
+        if grad_norms is None:
+            grads = [p.grad if p.grad is not None else self._stand_in for p in self.params]
+            # ord=2, not inf: the same answer for NaN/Inf, and 16x faster on CPU (max-abs is not vectorised there)
+            grad_norms = norms(grads, 2.0)  # accumulated in float32: an fp16 norm above 65504 is no NaN
+        per_param = grad_norms
         if per_param.device.type == "cpu" and math.isfinite(per_param.sum().item()):
             return self._clean  # on the CPU reading a value costs no sync: skip the bookkeeping on a clean step
         bad_param = ~torch.isfinite(per_param)
