@@ -146,9 +146,11 @@ def _abs_pass(tensors: Sequence[Tensor], op: Callable[..., Tensor] = torch.abs, 
             if l2:
                 q = torch.linalg.vector_norm(piece, dtype=None if piece.dtype == torch.float64 else torch.float32).double().square()
                 square = q if square is None else square + q
-        counts.append(count if count is not None else torch.zeros((), dtype=torch.long))
-        tops.append(top if top is not None else torch.zeros((), dtype=bits))
-        squares.append(square if square is not None else torch.zeros((), dtype=torch.float64))
+        assert count is not None and (square is not None or not l2)  # every tensor has at least one piece
+        counts.append(count)
+        tops.append(top if top is not None else torch.zeros((), dtype=bits))  # an empty tensor's max is 0
+        if square is not None:
+            squares.append(square)
     return _PassStats(
         torch.stack(counts).float(),
         _floats_of(tops, tensors) if largest else None,
@@ -183,23 +185,23 @@ def numels(tensors: Sequence[Tensor]) -> Tensor:
     return torch.tensor([float(t.numel()) for t in tensors]).to(tensors[0].device)
 
 
-def tensor_stats(tensors: Sequence[Tensor], numel: Tensor | None = None, l2: Tensor | None = None) -> TensorStats:
-    """Norm, max |x|, non-finite and zero counts of every tensor, with a handful of fused kernels.
+def tensor_stats(tensors: Sequence[Tensor], numel: Tensor | None = None) -> TensorStats:
+    """Norm, max |x|, non-finite and zero counts of every tensor, with a handful of fused kernels (on the CPU the
+    first three from one pass over |x|).
 
     `numel` (from `numels`) may describe larger tensors than given: a 1-element zero stand-in for a missing
-    gradient then counts as `numel` zeros. `l2`: the per-tensor L2 norms when already computed this step (by
-    the non-finite check), so they are not computed twice.
+    gradient then counts as `numel` zeros.
     """
     if not tensors:
         raise ValueError("tensor_stats needs at least one tensor, got an empty sequence")
     numel = numels(tensors) if numel is None else numel
-    if l2 is None and tensors[0].device.type == "cpu":  # all three from one pass over |x|
+    if tensors[0].device.type == "cpu":
         stats = _abs_pass(tensors, largest=True, l2=True)
         nonzero, largest, l2 = stats.nonzero, stats.largest, stats.l2
         assert largest is not None and l2 is not None
     else:
-        l2 = norms(tensors, 2.0) if l2 is None else l2
-        nonzero, largest = nonzero_and_max_abs(tensors)  # counts NaN as non-zero, so zeros are exact zeros only
+        l2 = norms(tensors, 2.0)
+        nonzero, largest = count_nonzero(tensors), max_abs(tensors)  # NaN counts as non-zero: zeros are exact zeros
     return TensorStats(
         sq_norm=l2.square(),
         max_abs=largest,
@@ -256,9 +258,9 @@ def pooled_norm(per_tensor_norms: Tensor, group_index: Tensor, num_groups: int) 
     return group_sum(per_tensor_norms.square(), group_index, num_groups).sqrt()
 
 
-def grad_stats(params: Sequence[Tensor], numel: Tensor | None = None, l2: Tensor | None = None) -> TensorStats:
+def grad_stats(params: Sequence[Tensor], numel: Tensor | None = None) -> TensorStats:
     """`tensor_stats` of every parameter's `.grad`; a parameter without a gradient counts as all zeros
     (through a 1-element zero stand-in, so no index has to be built on the host)."""
     numel = numels(params) if numel is None else numel
     stand_in = numel.new_zeros(1)
-    return tensor_stats([p.grad if p.grad is not None else stand_in for p in params], numel, l2)
+    return tensor_stats([p.grad if p.grad is not None else stand_in for p in params], numel)

@@ -38,10 +38,9 @@ class NonfiniteWatch:
             grads = [p.grad if p.grad is not None else self._stand_in for p in self.params]
             # ord=2, not inf: the same answer for NaN/Inf, and 16x faster on CPU (max-abs is not vectorised there)
             grad_norms = norms(grads, 2.0)  # accumulated in float32: an fp16 norm above 65504 is no NaN
-        per_param = grad_norms
-        if per_param.device.type == "cpu" and math.isfinite(per_param.sum().item()):
+        if grad_norms.device.type == "cpu" and math.isfinite(grad_norms.sum().item()):
             return self._clean  # on the CPU reading a value costs no sync: skip the bookkeeping on a clean step
-        bad_param = ~torch.isfinite(per_param)
+        bad_param = ~torch.isfinite(grad_norms)
         bad = bad_param.any()
         group_bad = torch.zeros(self.num_groups, device=bad.device).index_add_(0, self.param_index, bad_param.float()) > 0
         first = bad & (self.first_step < 0)
