@@ -14,6 +14,8 @@ For each model's real parameter shapes (random gradients), times side by side, i
                  `gradients.update_norms` (what CUDA uses); the timed step in between is the same `_foreach_add_`
   distances      `WeightCopy.distances` beside the CPU (the file mapped, w − copy in a scratch chunk)  vs  the
                  file read back chunk by chunk into a buffer and subtracted there (the CPU path up to the ninth stop)
+  update + init  `weight_copy.measure` of the pre-step copy (with its norms) and the initial copy, one pass over the
+                 weights (what a logged step uses beside the CPU)  vs  one pass per copy (up to the tenth stop)
   non-finite     `NonfiniteWatch.check` on a clean step            (one number: it runs every optimizer step)
 and checks that both sides of each pair agree. Prints the ratio fused / ours. With `--cold` a 256 MB buffer is read
 before every timed call, so each call starts with the caches cold, as a logged step does after a training step's
@@ -34,7 +36,7 @@ from _models import MODELS
 
 from trainwatch.probes import gradients as G
 from trainwatch.probes.nonfinite import NonfiniteWatch
-from trainwatch.probes.weight_copy import WeightCopy, _segments
+from trainwatch.probes.weight_copy import WeightCopy, _segments, measure
 
 _EVICT: torch.Tensor | None = None  # read before each timed call with --cold
 
@@ -130,6 +132,14 @@ def bench_model(name: str, device: torch.device, repeats: int) -> None:
             torch._foreach_add_(params, step)
         torch.testing.assert_close(copy.distances(params), read_back(copy, params), rtol=1e-6, atol=0)
         compare("distances", lambda: copy.distances(params), lambda: read_back(copy, params), repeats, "read back")
+        init = WeightCopy([p - 1e-2 for p in params])
+        one_pass = lambda: measure(params, [copy, init], copy_norms=True)
+        two_passes = lambda: (measure(params, [copy], copy_norms=True), init.distances(params))
+        measured, (alone, from_init) = one_pass(), two_passes()
+        assert torch.equal(measured.distances[0], alone.distances[0]) and torch.equal(measured.copy_norms, alone.copy_norms)
+        assert torch.equal(measured.distances[1], from_init)
+        compare("update + init", one_pass, two_passes, repeats, "two passes")
+        init.close()
     copy.close()
     for p, grad in zip(params, grads, strict=True):
         p.grad = grad

@@ -26,7 +26,7 @@ from _models import MODELS, Batches
 from overhead import arms, fit_once
 
 from trainwatch import callback, capture
-from trainwatch.probes import activations, gradients, weight_copy
+from trainwatch.probes import activations, gradients
 
 # (label, owner, attribute): indented labels run inside the one above them
 TIMED = [
@@ -36,7 +36,7 @@ TIMED = [
     ("  pre-step weight copy", capture.Capture, "_take_pre_step"),
     ("on_train_batch_end", callback.TrainWatch, "on_train_batch_end"),
     ("  updates and distances", capture.Capture, "updates"),
-    ("    one weight copy's distances", weight_copy.WeightCopy, "_measure"),
+    ("    distances from the weight copies", capture, "measure"),
     ("  probe forward and summaries", capture.Capture, "probe_activations"),
     ("    one activation summary", activations, "summary_and_fired"),
 ]

@@ -25,6 +25,7 @@ from torch import nn
 from tests.models import Classifier, blobs, loaders, mlp, trainer
 from trainwatch import TrainWatch
 from trainwatch.ops import Render
+from trainwatch.probes import weight_copy
 from trainwatch.probes.activations import STAT_COLUMNS
 from trainwatch.publish import shown_modules
 
@@ -142,8 +143,12 @@ def test_the_probe_batch_is_forwarded_in_parts_no_larger_than_a_training_batch(s
         assert values[col["zeros"]] == (relu == 0).sum().item()
 
 
-@pytest.mark.parametrize("precision", ["32-true", "64-true"])  # "64-true": float64 weights, gradients and probe inputs
-def test_logged_values_equal_independent_computation(store, precision, monkeypatch):
+# "64-true": float64 weights, gradients and probe inputs. Weight copies beside the CPU: this model's few kB in process
+# memory, or in temporary files (a model larger than `IN_MEMORY_BYTES`; update and distance from init in one pass)
+@pytest.mark.parametrize(("precision", "copies"), [("32-true", "memory"), ("32-true", "files"), ("64-true", "files")])
+def test_logged_values_equal_independent_computation(store, precision, copies, monkeypatch):
+    if copies == "files":
+        monkeypatch.setattr(weight_copy, "IN_MEMORY_BYTES", 0)
     drawn: list[str] = []  # figures drawn in this, the training process: none, the writer process draws them
     draw = Render.__call__
     monkeypatch.setattr(Render, "__call__", lambda figure: drawn.append(figure.function) or draw(figure))
@@ -221,6 +226,7 @@ def test_an_unwritable_temporary_directory_costs_the_distance_from_init_not_the_
     missing or read-only TMPDIR) or mapped (a file system without mmap, ENODEV), training goes on, the update ratio
     is measured from a copy in memory, and two warnings, at setup and at the first logged step, say what is
     missing and how to fix it."""
+    monkeypatch.setattr(weight_copy, "IN_MEMORY_BYTES", 0)  # this model's copies are small enough for process memory
     if failure == "unwritable":
         monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-dir"))
     else:

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 
 from trainwatch.groups import Binding
 from trainwatch.probes import gradients as G
+from trainwatch.probes import weight_copy
 from trainwatch.probes._scope import untouched
 from trainwatch.probes.activations import ActivationProbe, pool_summaries, saturation_kind
-from trainwatch.probes.weight_copy import WeightCopy
+from trainwatch.probes.weight_copy import WeightCopy, measure
 from trainwatch.record import Packer
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,12 @@ class Capture:
         # transient copy on the device (the caching allocator hands it memory the forward's activations left); on
         # the CPU a `WeightCopy` in the page cache, retaken at each logged step: a copy in process memory would
         # raise the peak by the model's size wherever weights outweigh activations, and a fresh one page-faults (no
-        # faster than the file). If the file cannot be written, copies in memory from then on.
+        # faster than the file). Weights of a few MB are copied in memory (the file's system calls and mappings
+        # would cost more than the copy). If the file cannot be written, copies in memory from then on.
         self._before: list[Tensor] | None = None
         self._pre_step: WeightCopy | None = None
-        self._pre_step_in_file = device.type == "cpu"
+        weight_bytes = sum(p.numel() * p.element_size() for p in binding.params)
+        self._pre_step_in_file = device.type == "cpu" and weight_bytes > weight_copy.IN_MEMORY_BYTES
         self._weight_norms: Tensor | None = None
         self._grad: G.TensorStats | None = None
 
@@ -104,18 +107,21 @@ class Capture:
         """After the optimizer step: weight norms, ‖Δw‖/‖w‖ of the step actually taken, distance from init."""
         if self._grad is None:
             return
+        from_init = None
         if self._before is not None:
             assert self._weight_norms is not None
             update, weight_norms, self._before = G.update_norms(self.b.params, self._before), self._weight_norms, None
-        else:
+        else:  # one pass over the weights for the update and the distance from initialisation
             assert self._pre_step is not None
-            update, weight_norms = self._pre_step.distances_and_norms(self.b.params)
+            measured = measure(self.b.params, [self._pre_step] + ([self._init] if self._init else []), copy_norms=True)
+            assert measured.copy_norms is not None
+            update, weight_norms, from_init = measured.distances[0], measured.copy_norms, measured.distances[1:]
         n, keys = self.n_param_groups, self.b.param_keys
         weight = G.pooled_norm(weight_norms, self.param_index, n)
         packer.metrics("weight_norm", keys, weight)
         packer.metrics("update_ratio", keys, G.pooled_norm(update, self.param_index, n) / weight.clamp_min(1e-12))
         if self._init is not None:
-            distance = self._init.distances(self.b.params)
+            distance = from_init[0] if from_init else self._init.distances(self.b.params)
             packer.metrics("weight_dist_init", keys, G.pooled_norm(distance, self.param_index, n))
         g = self._grad
         zero_frac = g.zeros / g.numel.clamp_min(1)

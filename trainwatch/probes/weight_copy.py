@@ -7,8 +7,9 @@ the copy lives in pinned host memory and comes back in chunks by non-blocking co
 CPU (or another accelerator) it is an unlinked temporary file, held by the page cache rather than by the process
 (the kernel can write it back and reclaim it under memory pressure, which it cannot do with the process's own
 memory on a machine without swap), mapped a window of a few MB at a time while distances are computed (mapped
-pages count in the process's resident size). Either way the training device holds one chunk at a time, and only
-while the distances are computed.
+pages count in the process's resident size). A copy no larger than one such window stays in process memory: the
+file would save nothing worth its system calls (a tenth of a millisecond per pass, a few per cent of a small
+model's step). Either way the training device holds one chunk at a time, and only while the distances are computed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import mmap
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 import torch
 from torch import Tensor
@@ -25,6 +27,7 @@ from trainwatch.probes.gradients import norms
 
 CHUNK_NUMEL = 1 << 20  # elements per chunk the distances take at a time: 4 MB of float32
 MAP_BYTES = 4 << 20  # beside the CPU, how much of the copy's file is mapped at a time (mapped pages count in the RSS)
+IN_MEMORY_BYTES = MAP_BYTES  # beside the CPU, a copy up to this size is kept in process memory, not in a file
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,15 @@ class WeightCopy:
         self._chunks = _plan(params, chunk_numel)
         self._owners = torch.tensor([s[0] for c in self._chunks for s in c.segments], dtype=torch.long).to(self.device)  # of each segment
         nbytes = self._nbytes = sum(p.numel() * p.dtype.itemsize for p in params)
+        self._file: IO[bytes] | None = None
         if self.device.type == "cuda":
             self._host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # allocated pinned: no pageable twin
+        elif nbytes <= IN_MEMORY_BYTES:
+            self._host = torch.empty(nbytes, dtype=torch.uint8)
         else:
             self._file = tempfile.TemporaryFile(dir=directory, prefix="trainwatch-weights-")  # unlinked: gone with the process
         self.take(params)
-        if self.device.type != "cuda" and nbytes:
+        if self._file is not None:
             try:  # now, not at the first logged step: a file system that cannot map files (ENODEV) is refused here
                 mmap.mmap(self._file.fileno(), min(nbytes, MAP_BYTES), access=mmap.ACCESS_COPY).close()
             except OSError as error:
@@ -97,11 +103,11 @@ class WeightCopy:
         new memory or file. On CUDA non-blocking copies into the pinned buffer, ordered before the optimizer's
         kernels by the stream."""
         self._check(params, "take")
-        if self.device.type == "cuda":
+        if self._file is None:
             offset = 0
             for p in params:
                 raw = _bytes_of(p.detach().reshape(-1))
-                self._host[offset : offset + raw.numel()].copy_(raw, non_blocking=True)
+                self._host[offset : offset + raw.numel()].copy_(raw, non_blocking=self.device.type == "cuda")  # pinned there
                 offset += raw.numel()
             return
         self._file.seek(0)
@@ -114,34 +120,7 @@ class WeightCopy:
         Beside the CPU the file is mapped, not read (the kernel's copy into a buffer cost as much as the
         arithmetic), and w − w_copy goes to a scratch chunk that stays in the cache; elsewhere each chunk comes to
         the device and is subtracted in place."""
-        return self._measure(params, with_norms=False)[0]
-
-    def distances_and_norms(self, params: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
-        """`distances`, and the per-parameter norms ‖w_copy‖ of the copy itself, read while its chunk is in the
-        cache (the weights before the step, for the pre-step copy: a pass over the weights saved)."""
-        distances, copy_norms = self._measure(params, with_norms=True)
-        assert copy_norms is not None
-        return distances, copy_norms
-
-    def _measure(self, params: Sequence[Tensor], with_norms: bool) -> tuple[Tensor, Tensor | None]:
-        self._check(params, "distances")
-        flat = [p.detach().reshape(-1) for p in params]
-        distance_parts, norm_parts = [], []
-        # Allocated per call, not kept: a standing chunk would be one more allocation alive at the training
-        # step's memory peak, every step, for a buffer used only at logged steps.
-        scratch = torch.empty(max((c.nbytes for c in self._chunks), default=0), dtype=torch.uint8) if self.device.type == "cpu" else None
-        for chunk, raw in self._chunk_bytes():
-            weights = [flat[i][start : start + n] for i, start, n in chunk.segments]
-            copy = _segments(raw, chunk)
-            if with_norms:
-                norm_parts.append(norms(copy, 2.0))
-            if scratch is None:
-                torch._foreach_sub_(copy, weights)  # a fresh tensor on the device
-                difference = copy
-            else:
-                difference = [torch.sub(w, c, out=d) for w, c, d in zip(weights, copy, _segments(scratch, chunk), strict=True)]
-            distance_parts.append(norms(difference, 2.0))
-        return self._per_parameter(distance_parts), self._per_parameter(norm_parts) if with_norms else None
+        return measure(params, [self]).distances[0]
 
     def _per_parameter(self, segment_norms: list[Tensor]) -> Tensor:
         """Per-parameter norms from the norms of their segments, as float32."""
@@ -155,34 +134,70 @@ class WeightCopy:
             raise ValueError(f"WeightCopy.{what} needs the parameters it was built from (same sizes and dtypes)")
 
     def _chunk_bytes(self) -> Iterator[tuple[_Chunk, Tensor]]:
-        """Each chunk with its bytes of the copy. On CUDA a fresh tensor on the device; otherwise a read-only
-        view of the file's pages, mapped `MAP_BYTES` at a time (the mapping goes with the last view of it), and
-        moved to the device if that is not the CPU (e.g. Apple's "mps")."""
+        """Each chunk with its bytes of the copy, on the parameters' device: beside the CPU a read-only view (of
+        process memory, or of the file's pages, mapped `MAP_BYTES` at a time: the mapping goes with the last view
+        of it); elsewhere a fresh tensor on the device (non-blocking from pinned memory on CUDA)."""
         window, window_start, window_end = torch.empty(0, dtype=torch.uint8), 0, 0
         for chunk in self._chunks:
             start, end = chunk.byte_start, chunk.byte_start + chunk.nbytes
-            if self.device.type == "cuda":
-                yield (
-                    chunk,
-                    torch.empty(chunk.nbytes, dtype=torch.uint8, device=self.device).copy_(self._host[start:end], non_blocking=True),
-                )
-                continue
-            if end > window_end:
-                window_start = start - start % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a boundary
-                window_end = min(self._nbytes, max(window_start + MAP_BYTES, end))
-                # ACCESS_COPY: a private mapping, read in place from the page cache and never written; unlike
-                # ACCESS_READ a writable buffer, which torch.frombuffer takes without a warning.
-                pages = mmap.mmap(self._file.fileno(), window_end - window_start, access=mmap.ACCESS_COPY, offset=window_start)
-                window = torch.frombuffer(pages, dtype=torch.uint8)
-            raw = window[start - window_start : end - window_start]
-            yield chunk, raw if self.device.type == "cpu" else raw.to(self.device)
+            if self._file is None:
+                raw = self._host[start:end]
+            else:
+                if end > window_end:
+                    window_start = start - start % mmap.ALLOCATIONGRANULARITY  # a mapping starts on a boundary
+                    window_end = min(self._nbytes, max(window_start + MAP_BYTES, end))
+                    # ACCESS_COPY: a private mapping, read in place from the page cache and never written; unlike
+                    # ACCESS_READ a writable buffer, which torch.frombuffer takes without a warning.
+                    pages = mmap.mmap(self._file.fileno(), window_end - window_start, access=mmap.ACCESS_COPY, offset=window_start)
+                    window = torch.frombuffer(pages, dtype=torch.uint8)
+                raw = window[start - window_start : end - window_start]
+            yield chunk, raw if self.device.type == "cpu" else raw.to(self.device, non_blocking=self.device.type == "cuda")
 
     def close(self) -> None:
         """Drop the copy (the file is deleted when closed)."""
-        if self.device.type == "cuda":
-            self._host = torch.empty(0, dtype=torch.uint8)
-        else:
+        self._host = torch.empty(0, dtype=torch.uint8)
+        if self._file is not None:
             self._file.close()
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What `measure` found: per-parameter distances from each copy, in order, and the first copy's own norms."""
+
+    distances: list[Tensor]
+    copy_norms: Tensor | None
+
+
+def measure(params: Sequence[Tensor], copies: Sequence[WeightCopy], copy_norms: bool = False) -> Measured:
+    """Per-parameter ‖w − c‖ for each copy c of `params`, in one pass over the weights: each chunk of w is read
+    once, and stays in the cache while every copy is subtracted from it (a logged step's update and distance from
+    initialisation together: one pass over the weights saved). With `copy_norms`, ‖c‖ of the first copy too."""
+    if not copies:
+        raise ValueError("measure needs at least one WeightCopy")
+    first = copies[0]
+    first._check(params, "distances")
+    if any(c._chunks != first._chunks or c.device != first.device for c in copies[1:]):
+        raise ValueError("measure needs copies of the same parameters on the same device")
+    flat = [p.detach().reshape(-1) for p in params]
+    distance_parts: list[list[Tensor]] = [[] for _ in copies]
+    norm_parts: list[Tensor] = []
+    # Allocated per call, not kept: a standing chunk would be one more allocation alive at the training step's
+    # memory peak, every step, for a buffer used only at logged steps.
+    scratch = torch.empty(max((c.nbytes for c in first._chunks), default=0), dtype=torch.uint8) if first.device.type == "cpu" else None
+    for pieces in zip(*(c._chunk_bytes() for c in copies), strict=True):
+        chunk = pieces[0][0]
+        weights = [flat[i][start : start + n] for i, start, n in chunk.segments]
+        for k, (_, raw) in enumerate(pieces):
+            copy = _segments(raw, chunk)
+            if copy_norms and k == 0:
+                norm_parts.append(norms(copy, 2.0))
+            if scratch is None:
+                torch._foreach_sub_(copy, weights)  # a fresh tensor on the device
+                difference = copy
+            else:
+                difference = [torch.sub(w, c, out=d) for w, c, d in zip(weights, copy, _segments(scratch, chunk), strict=True)]
+            distance_parts[k].append(norms(difference, 2.0))
+    return Measured([first._per_parameter(parts) for parts in distance_parts], first._per_parameter(norm_parts) if copy_norms else None)
 
 
 def _segments(raw: Tensor, chunk: _Chunk) -> list[Tensor]:
