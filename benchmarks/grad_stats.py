@@ -16,6 +16,10 @@ For each model's real parameter shapes (random gradients), times side by side, i
                  file read back chunk by chunk into a buffer and subtracted there (the CPU path up to the ninth stop)
   update + init  `weight_copy.measure` of the pre-step copy (with its norms) and the initial copy, one pass over the
                  weights (what a logged step uses beside the CPU)  vs  one pass per copy (up to the tenth stop)
+  small record   (weights of 4 MB or less) a logged step's copies now: a fresh pre-step copy in memory and the
+                 initial one in process memory  vs  both in files, as up to the tenth stop (take, step, `measure`)
+The update-norm, distance and update + init rows time the copies in files (`IN_MEMORY_BYTES` set to 0), as beside
+the CPU for any model over 4 MB of weights.
   non-finite     `NonfiniteWatch.check` on a clean step            (one number: it runs every optimizer step)
 and checks that both sides of each pair agree. Prints the ratio fused / ours. With `--cold` a 256 MB buffer is read
 before every timed call, so each call starts with the caches cold, as a logged step does after a training step's
@@ -35,8 +39,9 @@ import torch
 from _models import MODELS
 
 from trainwatch.probes import gradients as G
+from trainwatch.probes import weight_copy
 from trainwatch.probes.nonfinite import NonfiniteWatch
-from trainwatch.probes.weight_copy import WeightCopy, _segments, measure
+from trainwatch.probes.weight_copy import Measured, WeightCopy, _segments, measure
 
 _EVICT: torch.Tensor | None = None  # read before each timed call with --cold
 
@@ -108,6 +113,8 @@ def bench_model(name: str, device: torch.device, repeats: int) -> None:
     assert torch.equal(G.count_nonfinite(with_nan, largest), l0_of_zeroed()) and G.count_nonfinite(with_nan).sum() == 1
     compare("NaN count", run(lambda: G.count_nonfinite(with_nan, largest)), run(l0_of_zeroed), repeats, "L0 of g*0")
     step = [torch.full_like(p, 1e-3) for p in params]
+    small = sum(p.numel() * p.element_size() for p in params) <= weight_copy.IN_MEMORY_BYTES
+    in_memory, weight_copy.IN_MEMORY_BYTES = weight_copy.IN_MEMORY_BYTES, 0  # the file path, whatever the model's size
     copy = WeightCopy(params)
 
     @torch.no_grad()
@@ -139,7 +146,27 @@ def bench_model(name: str, device: torch.device, repeats: int) -> None:
         assert torch.equal(measured.distances[0], alone.distances[0]) and torch.equal(measured.copy_norms, alone.copy_norms)
         assert torch.equal(measured.distances[1], from_init)
         compare("update + init", one_pass, two_passes, repeats, "two passes")
+        if small:  # what a logged step of this model does now: a fresh pre-step copy, the initial one in memory
+            weight_copy.IN_MEMORY_BYTES = in_memory
+            init_in_memory = WeightCopy([p - 1e-2 for p in params])
+
+            @torch.no_grad()
+            def small_record() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                before = G.snapshot(params)
+                weight = G.norms(before, 2.0)
+                torch._foreach_add_(params, step)
+                return G.update_norms(params, before), weight, init_in_memory.distances(params)
+
+            @torch.no_grad()
+            def filed_record() -> Measured:
+                copy.take(params)
+                torch._foreach_add_(params, step)
+                return measure(params, [copy, init], copy_norms=True)
+
+            compare("small record", run(small_record), run(filed_record), repeats, "in files")
+            init_in_memory.close()
         init.close()
+    weight_copy.IN_MEMORY_BYTES = in_memory
     copy.close()
     for p, grad in zip(params, grads, strict=True):
         p.grad = grad
