@@ -952,3 +952,36 @@ def test_a_metric_named_alike_in_training_and_validation_keeps_its_training_valu
     client, run = _fit_validating_every_4_steps(store, SameNameInBothLoops(mlp()))
     steps = {m.step for m in client.get_metric_history(run.info.run_id, "acc")}
     assert {0, 2, 6, 10} <= steps  # training values at the logged steps, also after the first validation
+
+
+class _MixedDtypes(nn.Module):
+    """A bfloat16 layer with an odd number of biases (6 bytes) before float32 ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.low = nn.Linear(8, 3).bfloat16()
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.low(x.bfloat16()).float())
+
+
+@pytest.mark.parametrize("copies", ["memory", "files"])
+def test_parameters_of_mixed_dtypes_are_measured(store, monkeypatch, copies):
+    """Weight copies of bfloat16 and float32 parameters side by side (odd sizes): the distance from
+    initialisation at the last step equals the independent one, and training is not interrupted."""
+    if copies == "files":
+        monkeypatch.setattr(weight_copy, "IN_MEMORY_BYTES", 0)
+    pl.seed_everything(0)
+    train, _ = loaders(blobs())
+    model = Classifier(_MixedDtypes())
+    initial = {n: p.detach().clone() for n, p in model.named_parameters()}
+    watch = TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False, landscape_samples=0)
+    trainer(max_steps=4, callbacks=[watch]).fit(model, train)
+    client, run = _only_run(store)
+    for module in ("low", "head"):
+        from_init = _history(client, run.info.run_id, f"weight_dist_init/net.{module}")
+        assert sorted(from_init) == [0, 1, 2, 3] and sorted(_history(client, run.info.run_id, f"update_ratio/net.{module}")) == [0, 1, 2, 3]
+        moved = [(p.detach() - initial[n]).double() for n, p in model.named_parameters() if n.startswith(f"net.{module}.")]
+        assert from_init[3] == pytest.approx(torch.linalg.vector_norm(torch.cat([m.reshape(-1) for m in moved])).item(), rel=1e-3)
+    assert run.info.status == "FINISHED"

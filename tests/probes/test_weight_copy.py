@@ -227,3 +227,30 @@ def test_one_pass_refuses_copies_of_other_parameters_or_cut_otherwise():
         measure([torch.zeros(10)], [WeightCopy(params)])
     with pytest.raises(ValueError, match="at least one"):
         measure(params, [])
+
+
+@pytest.mark.parametrize("in_memory_bytes", [0, weight_copy.IN_MEMORY_BYTES])
+@pytest.mark.parametrize("chunk_numel", [2, 1 << 20])
+def test_parameters_of_mixed_dtypes_and_odd_sizes(monkeypatch, in_memory_bytes, chunk_numel):
+    """Three bfloat16s (6 bytes) then a float32: each dtype's bytes start where they can be viewed as it."""
+    monkeypatch.setattr(weight_copy, "IN_MEMORY_BYTES", in_memory_bytes)
+    g = torch.Generator().manual_seed(6)
+    params = [
+        torch.randn(3, generator=g).bfloat16(),
+        torch.randn(5, generator=g),
+        torch.randn(1, generator=g).half(),
+        torch.randn(3, generator=g, dtype=torch.float64),
+        torch.randn(0, generator=g),
+        torch.randn(2, generator=g).bfloat16(),
+    ]
+    initial = [p.clone() for p in params]
+    store = WeightCopy(params, chunk_numel=chunk_numel)
+    for _ in range(2):  # taken again over the same bytes, padding included
+        for p in params:
+            p.add_(torch.ones_like(p))
+        expect = torch.stack([torch.linalg.vector_norm((p - w0).double()) for p, w0 in zip(params, initial, strict=True)])
+        torch.testing.assert_close(store.distances(params).double(), expect, rtol=1e-6, atol=0)
+        store.take(params)
+        initial = [p.clone() for p in params]
+    assert store.distances(params).tolist() == [0.0] * len(params)
+    store.close()

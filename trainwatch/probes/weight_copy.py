@@ -40,10 +40,13 @@ class _Chunk:
     segments: tuple[tuple[int, int, int], ...]  # (parameter index, first element, elements)
 
 
-def _plan(params: Sequence[Tensor], chunk_numel: int) -> list[_Chunk]:
+def _plan(params: Sequence[Tensor], chunk_numel: int) -> tuple[list[_Chunk], list[int]]:
     """Cut the parameters, in order, into chunks of at most `chunk_numel` elements of one dtype: many small
-    parameters share a chunk (one read, one fused subtraction), a large one spans several."""
+    parameters share a chunk (one read, one fused subtraction), a large one spans several. Returns the chunks and
+    each parameter's byte offset in the copy: where the dtype changes the offset is rounded up to a multiple of the
+    new dtype's size (bytes are viewed as that dtype, which needs it: three bfloat16s, then a float32)."""
     chunks: list[_Chunk] = []
+    offsets: list[int] = []
     segments: list[tuple[int, int, int]] = []
     byte_start = size = 0
     dtype = params[0].dtype
@@ -59,6 +62,8 @@ def _plan(params: Sequence[Tensor], chunk_numel: int) -> list[_Chunk]:
         if p.dtype != dtype:
             close()
             dtype = p.dtype
+            byte_start = -(-byte_start // dtype.itemsize) * dtype.itemsize
+        offsets.append(byte_start + size * dtype.itemsize)
         start = 0
         while start < p.numel():
             if size == chunk_numel:
@@ -68,7 +73,7 @@ def _plan(params: Sequence[Tensor], chunk_numel: int) -> list[_Chunk]:
             size += n
             start += n
     close()
-    return chunks
+    return chunks, offsets
 
 
 class WeightCopy:
@@ -80,9 +85,9 @@ class WeightCopy:
             raise ValueError("WeightCopy needs at least one parameter")
         self.device = params[0].device
         self._signature = [(p.numel(), p.dtype) for p in params]
-        self._chunks = _plan(params, chunk_numel)
+        self._chunks, self._offsets = _plan(params, chunk_numel)
         self._owners = torch.tensor([s[0] for c in self._chunks for s in c.segments], dtype=torch.long).to(self.device)  # of each segment
-        nbytes = self._nbytes = sum(p.numel() * p.dtype.itemsize for p in params)
+        nbytes = self._nbytes = self._offsets[-1] + params[-1].numel() * params[-1].dtype.itemsize
         self._file: IO[bytes] | None = None
         if self.device.type == "cuda":
             self._host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # allocated pinned: no pageable twin
@@ -104,15 +109,17 @@ class WeightCopy:
         kernels by the stream."""
         self._check(params, "take")
         if self._file is None:
-            offset = 0
-            for p in params:
+            for p, offset in zip(params, self._offsets, strict=True):
                 raw = _bytes_of(p.detach().reshape(-1))
                 self._host[offset : offset + raw.numel()].copy_(raw, non_blocking=self.device.type == "cuda")  # pinned there
-                offset += raw.numel()
             return
-        self._file.seek(0)
-        for p in params:
-            self._file.write(_bytes_of(p.detach().reshape(-1)).cpu().numpy())
+        position = None
+        for p, offset in zip(params, self._offsets, strict=True):
+            if position != offset:  # the start, and after a dtype change's padding (a hole in the file at first)
+                self._file.seek(offset)
+            raw = _bytes_of(p.detach().reshape(-1))
+            self._file.write(raw.cpu().numpy())
+            position = offset + raw.numel()
         self._file.flush()
 
     def distances(self, params: Sequence[Tensor]) -> Tensor:
