@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from tests.models import Classifier, blobs, loaders, mlp, trainer
 from trainwatch import TrainWatch
@@ -984,4 +985,53 @@ def test_parameters_of_mixed_dtypes_are_measured(store, monkeypatch, copies):
         assert sorted(from_init) == [0, 1, 2, 3] and sorted(_history(client, run.info.run_id, f"update_ratio/net.{module}")) == [0, 1, 2, 3]
         moved = [(p.detach() - initial[n]).double() for n, p in model.named_parameters() if n.startswith(f"net.{module}.")]
         assert from_init[3] == pytest.approx(torch.linalg.vector_norm(torch.cat([m.reshape(-1) for m in moved])).item(), rel=1e-3)
+    assert run.info.status == "FINISHED"
+
+
+class _Bag(pl.LightningModule):
+    """Token ids → a sparse-gradient embedding (rows of the batch's tokens only) → mean → linear; plain SGD."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, 4, sparse=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(tokens).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        tokens, y = batch
+        return nn.functional.cross_entropy(self(tokens), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _DenseGrads(pl.Callback):
+    def __init__(self) -> None:
+        self.grad: dict[int, torch.Tensor] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        assert pl_module.embed.weight.grad.is_sparse
+        self.grad[trainer.global_step] = pl_module.embed.weight.grad.to_dense()
+
+
+def test_sparse_gradients_are_measured_as_their_dense_values(store):
+    """`nn.Embedding(sparse=True)` gives sparse gradients (rows of the tokens seen, a token seen twice stored
+    twice): norm, max and zero fraction are the dense gradient's, and the per-step check reads them too."""
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randint(0, 50, (96, 5), generator=g), torch.randint(0, 3, (96,), generator=g))
+    rec = _DenseGrads()
+    watch = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False, landscape_samples=0)
+    trainer(max_steps=5, callbacks=[watch, rec]).fit(_Bag(), DataLoader(data, batch_size=16))
+    client, run = _only_run(store)
+    rid = run.info.run_id
+    norms, maxes, zeros = (_history(client, rid, f"{family}/embed") for family in ("grad_norm", "grad_max", "grad_zero_frac"))
+    assert sorted(norms) == [0, 2, 4]
+    for step, dense in rec.grad.items():
+        if step % 2 == 0:
+            assert norms[step] == pytest.approx(torch.linalg.vector_norm(dense).item(), rel=1e-5)
+            assert maxes[step] == pytest.approx(dense.abs().max().item(), rel=1e-6)
+            assert zeros[step] == pytest.approx((dense == 0).float().mean().item(), rel=1e-6)
+    assert _history(client, rid, "train/nonfinite_steps")[4] == 0
     assert run.info.status == "FINISHED"

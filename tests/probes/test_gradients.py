@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from trainwatch.probes import gradients as G
+from trainwatch.probes.nonfinite import NonfiniteWatch
 
 
 def _tensors():
@@ -192,3 +193,19 @@ def test_float64_tensors_get_float32_statistics():
     assert s.sq_norm.dtype == s.max_abs.dtype == torch.float32
     assert s.sq_norm[0].sqrt().item() == pytest.approx(torch.linalg.vector_norm(ts[0]).item(), rel=1e-6)
     assert s.max_abs[3].item() == pytest.approx(ts[3].abs().max().item())
+
+
+def test_sparse_gradients_count_as_their_dense_values():
+    """A sparse COO gradient (`nn.Embedding(sparse=True)`) with an index stored twice (summed when dense), and a
+    NaN among the stored values: statistics and the non-finite check equal the dense gradient's."""
+    coo, dense = torch.nn.Parameter(torch.zeros(6, 2)), torch.nn.Parameter(torch.zeros(3))
+    coo.grad = torch.sparse_coo_tensor(torch.tensor([[1, 1, 4]]), torch.tensor([[1.0, -2.0], [3.0, 0.5], [0.0, 7.0]]), (6, 2))
+    dense.grad = torch.tensor([0.0, -5.0, 1.0])
+    stats = G.grad_stats([coo, dense])
+    for got, want in zip(stats, G.tensor_stats([coo.grad.to_dense(), dense.grad]), strict=True):
+        torch.testing.assert_close(got, want)
+    assert stats.zeros.tolist() == [12 - 3, 1] and stats.max_abs.tolist() == [7.0, 5.0]
+    coo.grad = torch.sparse_coo_tensor(torch.tensor([[2]]), torch.tensor([[float("nan"), 1.0]]), (6, 2))
+    watch = NonfiniteWatch([coo, dense], torch.tensor([0, 1]), 2, torch.device("cpu"))
+    assert bool(watch.check(7)) and watch.first_groups.tolist() == [True, False]
+    assert G.grad_stats([coo, dense]).nonfinite.tolist() == [1, 0]

@@ -262,5 +262,19 @@ def grad_stats(params: Sequence[Tensor], numel: Tensor | None = None) -> TensorS
     """`tensor_stats` of every parameter's `.grad`; a parameter without a gradient counts as all zeros
     (through a 1-element zero stand-in, so no index has to be built on the host)."""
     numel = numels(params) if numel is None else numel
-    stand_in = numel.new_zeros(1)
-    return tensor_stats([p.grad if p.grad is not None else stand_in for p in params], numel)
+    return tensor_stats(gradients(params, numel.new_zeros(1)), numel)
+
+
+def gradients(params: Sequence[Tensor], stand_in: Tensor) -> list[Tensor]:
+    """Each parameter's gradient as a dense tensor whose norms, max |g| and non-zero count are the gradient's:
+    `stand_in` where there is none, and for a sparse gradient (`nn.Embedding(sparse=True)`) its stored values,
+    coalesced (duplicate indices summed; every other entry is zero)."""
+    grads = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            g = stand_in
+        elif g.layout == torch.sparse_coo:
+            g = g.coalesce().values()
+        grads.append(g)
+    return grads

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from trainwatch.probes.gradients import norms
+from trainwatch.probes.gradients import gradients, norms
 
 
 class NonfiniteWatch:
@@ -35,7 +35,7 @@ class NonfiniteWatch:
         if not self.params:
             return torch.zeros((), dtype=torch.bool, device=self.first_step.device)
         if grad_norms is None:
-            grads = [p.grad if p.grad is not None else self._stand_in for p in self.params]
+            grads = gradients(self.params, self._stand_in)
             # ord=2, not inf: the same answer for NaN/Inf, and 16x faster on CPU (max-abs is not vectorised there)
             grad_norms = norms(grads, 2.0)  # accumulated in float32: an fp16 norm above 65504 is no NaN
         if grad_norms.device.type == "cpu" and math.isfinite(grad_norms.sum().item()):
