@@ -566,6 +566,49 @@ def test_no_trainable_parameter_in_modules_is_an_error(store):
         trainer(max_steps=1, callbacks=[TrainWatch(tracking_uri=store, modules=["net.0"], activations="off")]).fit(model, train, val)
 
 
+def test_lazy_modules_must_be_initialised_before_fit(store):
+    """A probe forward before training would initialise a lazy module's parameters outside the training's random
+    stream (training would not be that of a bare fit): refused in setup, naming the module and the fix; once
+    initialised by a forward of an example batch, the same model trains watched."""
+    train, val = loaders(blobs(n=32), batch_size=16)
+    model = Classifier(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.LazyLinear(3)))
+    with pytest.raises(MisconfigurationException, match=r"net\.2 has uninitialised \(lazy\) parameters.*calling the model once"):
+        trainer(max_steps=1, callbacks=[TrainWatch(tracking_uri=store)]).fit(model, train, val)
+    model(torch.zeros(1, 8))
+    trainer(max_steps=2, callbacks=[TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False)]).fit(model, train, val)
+    client, run = _only_run(store)
+    assert sorted(_history(client, run.info.run_id, "grad_norm/net.2")) == [0, 1]
+
+
+def test_complex_parameters_are_measured(store):
+    """A complex weight: its gradient's norm, max modulus and the update are those of the complex values."""
+
+    class Rotate(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 3, dtype=torch.cfloat))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x.to(torch.cfloat) @ self.w).abs()
+
+    pl.seed_everything(0)
+    train, val = loaders(blobs())
+    rec = Recorder(1, blobs().tensors[0][:8])
+    watch = TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False, activations="off", landscape_samples=0)
+    trainer(max_steps=3, callbacks=[watch, rec]).fit(Classifier(Rotate()), train, val)
+    client, run = _only_run(store)
+    rid = run.info.run_id
+    norms, maxes, ratios = (_history(client, rid, f"{family}/net") for family in ("grad_norm", "grad_max", "update_ratio"))
+    for step in (0, 1, 2):
+        grad, before = rec.grad[step]["net.w"], rec.before[step]["net.w"]
+        assert norms[step] == pytest.approx(torch.linalg.vector_norm(grad).item(), rel=1e-5)
+        assert maxes[step] == pytest.approx(grad.abs().max().item(), rel=1e-6)
+        assert ratios[step] == pytest.approx(
+            (torch.linalg.vector_norm(rec.update[step]["net.w"]) / torch.linalg.vector_norm(before)).item(), rel=1e-4
+        )
+    assert run.info.status == "FINISHED"
+
+
 def test_exception_in_training_keeps_everything_logged_and_fails_the_run(store):
     class Exploding(Classifier):
         def training_step(self, batch, batch_idx):

@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
 from trainwatch._version import __version__
@@ -304,6 +305,13 @@ class TrainWatch(pl.Callback):
             self._connect(trainer)
 
     def _setup_model(self, model: pl.LightningModule) -> None:
+        lazy = sorted({n.rpartition(".")[0] or n for n, p in model.named_parameters() if is_lazy(p)})
+        if lazy:  # a probe forward would initialise them outside the training's random stream: training would change
+            raise ValueError(
+                f"`TrainWatch` needs the model's parameters before training starts, but {', '.join(lazy)} "
+                f"{'has' if len(lazy) == 1 else 'have'} uninitialised (lazy) parameters: initialise them before `fit`, e.g. "
+                "by calling the model once on an example batch after building it."
+            )
         params, acts = param_modules(model), activation_modules(model) if self.activations != "off" else []
         if self.modules is not None:
             wanted = resolve_names(model, self.modules, "modules")

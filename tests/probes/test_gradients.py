@@ -209,3 +209,17 @@ def test_sparse_gradients_count_as_their_dense_values():
     watch = NonfiniteWatch([coo, dense], torch.tensor([0, 1]), 2, torch.device("cpu"))
     assert bool(watch.check(7)) and watch.first_groups.tolist() == [True, False]
     assert G.grad_stats([coo, dense]).nonfinite.tolist() == [1, 0]
+
+
+def test_complex_tensors_have_the_norms_of_their_complex_values():
+    """Complex weights and gradients: L2, max and zero count of the moduli (torch's norms refuse a float32
+    accumulator for them)."""
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(40, 3, generator=g, dtype=torch.cfloat)
+    z[0, :] = 0
+    p = torch.nn.Parameter(torch.zeros_like(z))
+    p.grad = z
+    torch.testing.assert_close(G.norms([z, z.real], 2.0), torch.stack([torch.linalg.vector_norm(z), torch.linalg.vector_norm(z.real)]))
+    stats = G.grad_stats([p])
+    torch.testing.assert_close(stats.sq_norm.sqrt(), torch.linalg.vector_norm(z).reshape(1))
+    assert stats.max_abs.item() == z.abs().max().item() and stats.zeros.item() == 3

@@ -54,14 +54,16 @@ def _chunks(tensors: Sequence[Tensor], max_numel: int = CHUNK_NUMEL) -> Iterator
 
 
 def norms(tensors: Sequence[Tensor], ord: float) -> Tensor:
-    """Norms as a float32 vector, accumulated in float32 (float64 tensors, e.g. `precision="64-true"`, in float64:
-    torch refuses to narrow them inside the norm)."""
+    """Norms as a float32 vector, accumulated in float32 (float64 tensors, e.g. `precision="64-true"`, in float64,
+    and complex ones in their own precision: torch refuses to narrow those inside the norm)."""
     tensors = list(tensors)
-    if all(t.dtype != torch.float64 for t in tensors):
+    if all(t.dtype != torch.float64 and not t.is_complex() for t in tensors):
         return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32))
-    return torch.stack(
-        [torch.linalg.vector_norm(t, ord, dtype=None if t.dtype == torch.float64 else torch.float32).float() for t in tensors]
-    )
+    return torch.stack([torch.linalg.vector_norm(t, ord, dtype=None if _wide(t) else torch.float32).float() for t in tensors])
+
+
+def _wide(t: Tensor) -> bool:
+    return t.dtype == torch.float64 or t.is_complex()
 
 
 def max_abs(tensors: Sequence[Tensor]) -> Tensor:
@@ -266,9 +268,9 @@ def grad_stats(params: Sequence[Tensor], numel: Tensor | None = None) -> TensorS
 
 
 def gradients(params: Sequence[Tensor], stand_in: Tensor) -> list[Tensor]:
-    """Each parameter's gradient as a dense tensor whose norms, max |g| and non-zero count are the gradient's:
-    `stand_in` where there is none, and for a sparse gradient (`nn.Embedding(sparse=True)`) its stored values,
-    coalesced (duplicate indices summed; every other entry is zero)."""
+    """Each parameter's gradient as a dense real tensor whose norms, max |g| and non-zero and non-finite counts are
+    the gradient's: `stand_in` where there is none; for a sparse gradient (`nn.Embedding(sparse=True)`) its stored
+    values, coalesced (duplicate indices summed; every other entry is zero); for a complex one its modulus."""
     grads = []
     for p in params:
         g = p.grad
@@ -276,5 +278,5 @@ def gradients(params: Sequence[Tensor], stand_in: Tensor) -> list[Tensor]:
             g = stand_in
         elif g.layout == torch.sparse_coo:
             g = g.coalesce().values()
-        grads.append(g)
+        grads.append(g.abs() if g.is_complex() else g)
     return grads
