@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from tests.models import Classifier, blobs, loaders, mlp, trainer
 from trainwatch import TrainWatch
+from trainwatch.capture import Capture
 from trainwatch.ops import Render
 from trainwatch.probes import weight_copy
 from trainwatch.probes.activations import STAT_COLUMNS
@@ -1077,4 +1078,36 @@ def test_sparse_gradients_are_measured_as_their_dense_values(store):
             assert maxes[step] == pytest.approx(dense.abs().max().item(), rel=1e-6)
             assert zeros[step] == pytest.approx((dense == 0).float().mean().item(), rel=1e-6)
     assert _history(client, rid, "train/nonfinite_steps")[4] == 0
+    assert run.info.status == "FINISHED"
+
+
+def test_a_measurement_that_raises_is_turned_off_and_training_goes_on(store, monkeypatch, caplog):
+    """A bug in a measurement (here the update ratio, from step 4) is logged once with its traceback and turns
+    that measurement off; the rest goes on being logged, the run finishes, and training is that of a bare fit."""
+    real = Capture.updates
+
+    def updates(self: Capture, packer) -> None:
+        if packer.step >= 4:
+            raise RuntimeError("a bug in the update ratio")
+        real(self, packer)
+
+    monkeypatch.setattr(Capture, "updates", updates)
+
+    def fit(callbacks: list) -> Classifier:
+        pl.seed_everything(0)
+        train, val = loaders(blobs())
+        model = Classifier(mlp())
+        trainer(max_steps=8, callbacks=callbacks).fit(model, train, val)
+        return model
+
+    watched = fit([TrainWatch(every_n_steps=2, activations_every_n_steps=2, tracking_uri=store, system_metrics=False)])
+    bare = fit([])
+    assert all(torch.equal(a, b) for a, b in zip(watched.state_dict().values(), bare.state_dict().values(), strict=True))
+    client, run = _only_run(store)
+    rid = run.info.run_id
+    assert sorted(_history(client, rid, "update_ratio/net.0")) == [0, 2]
+    assert sorted(_history(client, rid, "grad_norm/net.0")) == [0, 2, 4]  # step 4's came before its update failed
+    assert sorted(_history(client, rid, "act_mean/net.0")) == [0, 2, 4, 6]
+    said = [r for r in caplog.records if "failed at step 4" in r.getMessage()]
+    assert len(said) == 1 and "the gradients and weights" in said[0].getMessage() and said[0].exc_info is not None
     assert run.info.status == "FINISHED"

@@ -13,9 +13,9 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import pytorch_lightning as pl
 import torch
@@ -58,6 +58,10 @@ from trainwatch.sink import (
 from trainwatch.writer_process import ProcessWriter
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+WEIGHTS = "the gradients and weights"  # names of the measurements `TrainWatch._guarded` can turn off
+CAM = "the CAM snapshots"
+NONFINITE = "the non-finite gradient check"
 
 ActivationSource = Literal["probe", "live", "off"]
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -257,6 +261,7 @@ class TrainWatch(pl.Callback):
         self._publisher: Publisher | None = None
         self._report_thread: threading.Thread | None = None
         self._cam: CamProbe | None = None
+        self._off: set[str] = set()  # rank-zero measurements that raised, off for the rest of the fit
 
     @property
     def _cam_on(self) -> bool:
@@ -761,10 +766,12 @@ class TrainWatch(pl.Callback):
                 assert self._capture is not None
                 self._packer = Packer(step)
                 if self._due(trainer, at):
-                    grads_logged, grad_norms = True, self._capture.gradients(self._packer)  # the check reuses its norms
+                    capture, packer = self._capture, self._packer
+                    grad_norms = self._guarded(WEIGHTS, step, lambda: capture.gradients(packer))  # the check reuses them
+                    grads_logged = True
                     # read now: Lightning steps "step"-interval schedulers before on_train_batch_end
                     self._packer.host_metrics.update(dynamics.learning_rates(trainer.optimizers))
-        bad = watch.check(step, grad_norms) if watch is not None else None
+        bad = self._guarded(NONFINITE, step, lambda: watch.check(step, grad_norms)) if watch is not None else None
         if grads_logged and watch is not None:
             assert self._packer is not None
             watch.pack(self._packer)  # after this step's check
@@ -800,7 +807,7 @@ class TrainWatch(pl.Callback):
         capture, packer = self._capture, self._packer
         assert capture is not None
         if packer is not None:
-            capture.updates(packer)
+            self._guarded(WEIGHTS, at, lambda: capture.updates(packer))
         if self._act_due(trainer, at):
             reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")
             if self.activations == "probe":
@@ -809,14 +816,31 @@ class TrainWatch(pl.Callback):
                 self._live_at = None
                 capture.pack_activations(reduce(capture.activations.collect(pl_module.device)), packer)
         if self._cam_due(at) and packer is not None:
-            assert self._cam is not None
-            self._cam.snapshot(pl_module, packer)
+            cam = self._cam
+            assert cam is not None
+            self._guarded(CAM, at, lambda: cam.snapshot(pl_module, packer))
         if packer is None or self.sink is None:
             return
         self._packer = None
         if self._due(trainer, at) and batch_end:  # timing and samples are per batch: measured once it is over
             self._dynamics(trainer, pl_module, packer)
         self.sink.submit(packer.ship())
+
+    def _guarded(self, what: str, step: int, measure: Callable[[], T]) -> T | None:
+        """A measurement with no collective inside (the ranks stay in step without it): if it raises, the error and
+        its traceback are logged once and that measurement is off for the rest of the fit. A bug in a monitor must
+        not stop the training it watches; what was measured so far stays in the run."""
+        if what in self._off:
+            return None
+        try:
+            return measure()
+        except Exception:
+            self._off.add(what)
+            log.exception(
+                "trainwatch: measuring %s failed at step %d; they are not measured for the rest of this fit, and training goes "
+                "on. Please report this error (with the traceback below) at the trainwatch issue tracker.", what, step,
+            )  # fmt: skip
+            return None
 
     def _dynamics(self, trainer: pl.Trainer, pl_module: pl.LightningModule, packer: Packer) -> None:
         """Throughput since the last logged batch, device memory, and (our own run) the module's training metrics."""
