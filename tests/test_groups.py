@@ -120,3 +120,24 @@ def test_a_tied_parameter_is_counted_once_with_its_first_owner(budget):
     metrics = packer.ship().resolve().metrics
     expect = torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in model.parameters()])).item()
     assert metrics["train/grad_norm_total"] == pytest.approx(expect, rel=1e-6)
+
+
+def test_attention_is_watched_as_a_whole_not_through_its_never_called_out_proj():
+    """`nn.MultiheadAttention` passes `out_proj.weight` to a functional call: `out_proj`'s forward never runs, so its
+    hook would log zeros. The attention's own output is watched instead."""
+    model = nn.Sequential(nn.TransformerEncoder(nn.TransformerEncoderLayer(4, 2, 8, batch_first=True), 1), nn.Linear(4, 2))
+    acts = activation_modules(model)
+    assert "0.layers.0.self_attn" in acts and not any(n.startswith("0.layers.0.self_attn.") for n in acts)
+    assert {"0.layers.0.linear1", "0.layers.0.norm1", "1"} <= set(acts)
+    fired: list[str] = []
+    modules = dict(model.named_modules())
+    handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: fired.append(n)) for n in acts]
+    model.eval()
+    model(torch.randn(3, 5, 4))
+    assert set(fired) == set(acts)  # every watched module's forward runs
+    fired.clear()
+    with torch.no_grad():  # as the probe forwards: eval mode, no autograd
+        model(torch.randn(3, 5, 4))
+    for h in handles:
+        h.remove()
+    assert set(fired) == set(acts)

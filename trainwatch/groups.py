@@ -19,6 +19,7 @@ ROOT_GROUP = "_root"
 # MLflow accepts alphanumerics, `_ - . space : /` in metric keys; we keep `/` for the family separator only.
 _INVALID = re.compile(r"[^A-Za-z0-9_\-. ]")  # what every MLflow server accepts in a key (Windows ones reject `:`)
 _SKIPPED_LEAVES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity, nn.Flatten, nn.Unflatten)
+_CALLS_CHILDREN_WEIGHTS = (nn.MultiheadAttention,)  # passes out_proj.weight to a functional call, never out_proj()
 
 
 @dataclass(frozen=True)
@@ -79,8 +80,19 @@ def param_modules(model: nn.Module) -> list[str]:
 
 
 def activation_modules(model: nn.Module) -> list[str]:
-    """Default modules whose outputs are watched: leaves, minus dropout, identity and reshapes."""
-    return [name for name, m in model.named_modules() if name and not any(m.children()) and not isinstance(m, _SKIPPED_LEAVES)]
+    """Default modules whose outputs are watched: leaves, minus dropout, identity and reshapes; a module that uses
+    its children's weights without calling them (`nn.MultiheadAttention` and its `out_proj`) counts as a leaf, its
+    output watched instead of children whose forward never runs (they would log zeros)."""
+    names, opaque = [], ()
+    for name, m in model.named_modules():
+        if not name or name.startswith(opaque):
+            continue
+        if isinstance(m, _CALLS_CHILDREN_WEIGHTS):
+            opaque += (name + ".",)
+            names.append(name)
+        elif not any(m.children()) and not isinstance(m, _SKIPPED_LEAVES):
+            names.append(name)
+    return names
 
 
 def resolve_names(model: nn.Module, requested: Iterable[str], argument: str) -> list[str]:
