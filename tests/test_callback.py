@@ -1108,6 +1108,6 @@ def test_a_measurement_that_raises_is_turned_off_and_training_goes_on(store, mon
     assert sorted(_history(client, rid, "update_ratio/net.0")) == [0, 2]
     assert sorted(_history(client, rid, "grad_norm/net.0")) == [0, 2, 4]  # step 4's came before its update failed
     assert sorted(_history(client, rid, "act_mean/net.0")) == [0, 2, 4, 6]
-    said = [r for r in caplog.records if "failed at step 4" in r.getMessage()]
-    assert len(said) == 1 and "the gradients and weights" in said[0].getMessage() and said[0].exc_info is not None
+    said = [r for r in caplog.records if "raised an error at step 4" in r.getMessage()]
+    assert len(said) == 1 and "gradient and weight statistics" in said[0].getMessage() and said[0].exc_info is not None
     assert run.info.status == "FINISHED"

@@ -59,8 +59,8 @@ from trainwatch.writer_process import ProcessWriter
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-WEIGHTS = "the gradients and weights"  # names of the measurements `TrainWatch._guarded` can turn off
-CAM = "the CAM snapshots"
+WEIGHTS = "the gradient and weight statistics"  # the measurements `TrainWatch._guarded` can turn off
+CAM = "the CAM snapshot"
 NONFINITE = "the non-finite gradient check"
 
 ActivationSource = Literal["probe", "live", "off"]
@@ -261,7 +261,7 @@ class TrainWatch(pl.Callback):
         self._publisher: Publisher | None = None
         self._report_thread: threading.Thread | None = None
         self._cam: CamProbe | None = None
-        self._off: set[str] = set()  # rank-zero measurements that raised, off for the rest of the fit
+        self._off: set[str] = set()  # measurements that raised, off for the rest of the fit
 
     @property
     def _cam_on(self) -> bool:
@@ -837,8 +837,8 @@ class TrainWatch(pl.Callback):
         except Exception:
             self._off.add(what)
             log.exception(
-                "trainwatch: measuring %s failed at step %d; they are not measured for the rest of this fit, and training goes "
-                "on. Please report this error (with the traceback below) at the trainwatch issue tracker.", what, step,
+                "trainwatch: %s raised an error at step %d and is off for the rest of this fit; training goes on. Please "
+                "report the error (traceback below) to the trainwatch issue tracker.", what, step,
             )  # fmt: skip
             return None
 
