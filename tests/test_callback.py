@@ -1111,3 +1111,25 @@ def test_a_measurement_that_raises_is_turned_off_and_training_goes_on(store, mon
     said = [r for r in caplog.records if "raised an error at step 4" in r.getMessage()]
     assert len(said) == 1 and "gradient and weight statistics" in said[0].getMessage() and said[0].exc_info is not None
     assert run.info.status == "FINISHED"
+
+
+def test_a_module_that_does_not_run_in_the_probe_logs_no_activation_values(store):
+    """An auxiliary head used only in training never runs in the eval-mode probe: its activation metrics are
+    absent (not zeros that would read as an all-zero output); the other modules' are logged at every snapshot."""
+
+    class WithAuxHead(Classifier):
+        def __init__(self) -> None:
+            super().__init__(mlp())
+            self.aux = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.net(x)
+            return out + self.aux(x) if self.training else out
+
+    train, val = loaders(blobs())
+    watch = TrainWatch(every_n_steps=2, activations_every_n_steps=2, tracking_uri=store, system_metrics=False, landscape_samples=0)
+    trainer(max_steps=4, callbacks=[watch]).fit(WithAuxHead(), train, val)
+    client, run = _only_run(store)
+    assert sorted(_history(client, run.info.run_id, "act_mean/net.0")) == [0, 2]
+    assert not any(k.startswith("act_") and k.endswith("/aux") for k in run.data.metrics)
+    assert sorted(_history(client, run.info.run_id, "grad_norm/aux")) == [0, 2]  # it trains, and is measured as such

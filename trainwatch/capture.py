@@ -16,7 +16,7 @@ from trainwatch.groups import Binding
 from trainwatch.probes import gradients as G
 from trainwatch.probes import weight_copy
 from trainwatch.probes._scope import untouched
-from trainwatch.probes.activations import ActivationProbe, pool_summaries, saturation_kind
+from trainwatch.probes.activations import STAT_COLUMNS, ActivationProbe, pool_summaries, saturation_kind
 from trainwatch.probes.weight_copy import WeightCopy, measure
 from trainwatch.record import Packer
 
@@ -160,11 +160,14 @@ class Capture:
     def pack_activations(self, summaries: Tensor, packer: Packer | None) -> None:
         if packer is None or not self.b.act_names:
             return
-        pooled = pool_summaries(summaries, self.act_index, len(self.b.act_keys))
+        n = len(self.b.act_keys)
+        pooled = pool_summaries(summaries, self.act_index, n)
+        # a group none of whose modules ran in this forward (a head used only in training) has no value, not 0
+        present = G.group_sum(summaries[:, STAT_COLUMNS.index("numel")], self.act_index, n) > 0
         for family, values in pooled.items():
             if family == "act_saturated_frac":
                 if self._sat_keys:
-                    packer.metrics(family, self._sat_keys, values[self._sat_groups])
+                    packer.metrics(family, self._sat_keys, values[self._sat_groups], present[self._sat_groups])
             else:
-                packer.metrics(family, self.b.act_keys, values)
+                packer.metrics(family, self.b.act_keys, values, present)
         packer.array("activations", summaries)

@@ -30,6 +30,7 @@ class _Entry:
     name: str  # metric family ("grad_norm") or array name ("activations")
     keys: tuple[str, ...] | None  # metric keys per element, or None for an array
     shape: tuple[int, ...]
+    masked: bool = False  # metrics followed by as many flags: a key whose flag is 0 is not logged
 
 
 class Packer:
@@ -42,11 +43,16 @@ class Packer:
         self._tensors: list[Tensor] = []
         self.host_metrics: dict[str, float] = {}
 
-    def metrics(self, family: str, keys: Sequence[str], values: Tensor) -> None:
-        """`values[i]` becomes metric `<family>/<keys[i]>`."""
-        if values.numel() != len(keys):
+    def metrics(self, family: str, keys: Sequence[str], values: Tensor, present: Tensor | None = None) -> None:
+        """`values[i]` becomes metric `<family>/<keys[i]>`; with `present` (a device bool per key, read with the rest
+        of the record: no sync), only where `present[i]` holds (e.g. a module that produced no output: no value)."""
+        if values.numel() != len(keys) or (present is not None and present.numel() != len(keys)):
             raise ValueError(f"{family}: {values.numel()} values for {len(keys)} keys")
-        self._add(_Entry(family, tuple(keys), tuple(values.shape)), values)
+        if present is None:
+            self._add(_Entry(family, tuple(keys), tuple(values.shape)), values)
+        else:
+            both = torch.cat([values.detach().reshape(-1).double(), present.reshape(-1).double()])
+            self._add(_Entry(family, tuple(keys), (len(keys),), masked=True), both)
 
     def metric(self, key: str, value: Tensor) -> None:
         self._add(_Entry(key, ("",), (1,)), value.reshape(1))
@@ -91,10 +97,14 @@ class PendingRecord:
         arrays: dict[str, np.ndarray] = {}
         offset = 0
         for entry in self._packer._entries:
-            n = int(np.prod(entry.shape))
+            n = int(np.prod(entry.shape)) * (2 if entry.masked else 1)
             chunk = values[offset : offset + n]
             offset += n
-            if entry.keys is None:
+            if entry.masked:
+                assert entry.keys is not None
+                flags = chunk[n // 2 :]
+                metrics.update({f"{entry.name}/{k}": float(v) for k, v, f in zip(entry.keys, chunk[: n // 2], flags, strict=True) if f})
+            elif entry.keys is None:
                 arrays[entry.name] = chunk.reshape(entry.shape).copy()
             elif entry.keys == ("",):
                 metrics[entry.name] = float(chunk[0])
