@@ -1133,3 +1133,29 @@ def test_a_module_that_does_not_run_in_the_probe_logs_no_activation_values(store
     assert sorted(_history(client, run.info.run_id, "act_mean/net.0")) == [0, 2]
     assert not any(k.startswith("act_") and k.endswith("/aux") for k in run.data.metrics)
     assert sorted(_history(client, run.info.run_id, "grad_norm/aux")) == [0, 2]  # it trains, and is measured as such
+
+
+def test_weight_normed_layers_are_measured_as_layers(store):
+    """A layer under weight norm (`torch.nn.utils.parametrizations.weight_norm`): its gradient norm covers its
+    parametrization's parameters (magnitude and direction) with its bias, and its activations are the layer's
+    output, not the weight its parametrization computes."""
+    from torch.nn.utils import parametrizations
+
+    pl.seed_everything(0)
+    data = blobs()
+    train, val = loaders(data)
+    probe = data.tensors[0][:64]
+    net = mlp()
+    parametrizations.weight_norm(net[0])
+    rec = Recorder(2, probe)
+    watch = TrainWatch(every_n_steps=2, activations_every_n_steps=2, tracking_uri=store, system_metrics=False, probe_batch=probe)
+    trainer(max_steps=4, callbacks=[watch, rec]).fit(Classifier(net), train, val)
+    assert "net.0.parametrizations.weight.original0" in rec.grad[0]
+    client, run = _only_run(store)
+    rid = run.info.run_id
+    norms, means = _history(client, rid, "grad_norm/net.0"), _history(client, rid, "act_mean/net.0")
+    assert sorted(norms) == sorted(means) == [0, 2]
+    for step in (0, 2):
+        assert norms[step] == pytest.approx(_module_norm(rec.grad[step], "0"), rel=1e-5)
+        assert means[step] == pytest.approx(rec.acts[step]["0"].mean().item(), rel=1e-4, abs=1e-6)
+    assert not any("parametrizations" in k for k in run.data.metrics)

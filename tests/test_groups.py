@@ -141,3 +141,22 @@ def test_attention_is_watched_as_a_whole_not_through_its_never_called_out_proj()
     for h in handles:
         h.remove()
     assert set(fired) == set(acts)
+
+
+def test_parametrized_weights_belong_to_their_module():
+    """Weight norm and spectral norm (`torch.nn.utils.parametrize`) move a weight into a `parametrizations`
+    container whose modules compute it: their parameters count as the layer's, the layer's output is watched, and
+    the parametrization modules are not (their output is a weight, not an activation)."""
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    parametrizations.weight_norm(model[0])
+    parametrizations.spectral_norm(model[2])
+    assert param_modules(model) == ["0", "2"]
+    assert activation_modules(model) == ["0", "1", "2"]
+    binding = bind(plan_groups(param_modules(model), activation_modules(model), 300, 20), model)
+    assert set(binding.param_names) == {
+        "0.bias", "0.parametrizations.weight.original0", "0.parametrizations.weight.original1",
+        "2.bias", "2.parametrizations.weight.original",
+    }  # fmt: skip
+    assert len(binding.params) == len(list(model.parameters()))

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 PARAM_FAMILIES = ("grad_norm", "grad_max", "grad_nonfinite", "grad_zero_frac", "weight_norm", "update_ratio", "weight_dist_init")
 ACT_FAMILIES = ("act_mean", "act_std", "act_zero_frac", "act_saturated_frac")
@@ -68,29 +69,58 @@ def key_segment(module_name: str) -> str:
 
 def param_modules(model: nn.Module) -> list[str]:
     """Names of modules that own trainable parameters directly, in `named_modules()` order. A parameter shared by
-    several modules (tied weights) belongs to the first of them, as in `named_parameters()`: counted once."""
+    several modules (tied weights) belongs to the first of them, as in `named_parameters()`: counted once. The
+    parameters of a parametrized tensor (`torch.nn.utils.parametrize`: weight norm, spectral norm) belong to the
+    module the tensor is a weight of, not to its `parametrizations` container."""
     seen: set[int] = set()
-    names = []
-    for name, m in model.named_modules():
+    names: list[str] = []
+    modules = dict(model.named_modules())
+    for name, m in modules.items():
         own = [p for p in m.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
         seen.update(id(p) for p in m.parameters(recurse=False))
-        if own:
-            names.append(name)
+        owner = _parametrized_owner(name, modules)
+        if own and (owner if owner is not None else name) not in names:
+            names.append(owner if owner is not None else name)
     return names
+
+
+def _parametrized_owner(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """The parametrized module `name` lies inside the `parametrizations` container of, if any."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        owner = ".".join(parts[:i])
+        if part == "parametrizations" and owner in modules and parametrize.is_parametrized(modules[owner]):
+            return owner
+    return None
+
+
+def owned_parameters(module_name: str, module: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(full name, parameter) of what `param_modules` counts as `module`'s own: its direct parameters and those of its
+    parametrized tensors."""
+    prefix = f"{module_name}." if module_name else ""
+    own = [(prefix + n, p) for n, p in module.named_parameters(recurse=False)]
+    if parametrize.is_parametrized(module):
+        own += [(f"{prefix}parametrizations.{n}", p) for n, p in module.parametrizations.named_parameters()]
+    return own
 
 
 def activation_modules(model: nn.Module) -> list[str]:
     """Default modules whose outputs are watched: leaves, minus dropout, identity and reshapes; a module that uses
     its children's weights without calling them (`nn.MultiheadAttention` and its `out_proj`) counts as a leaf, its
-    output watched instead of children whose forward never runs (they would log zeros)."""
+    output watched instead of children whose forward never runs (they would log zeros); so does a leaf whose
+    weights are parametrized (`torch.nn.utils.parametrize`), whose `parametrizations` compute weights."""
     names, opaque = [], ()
     for name, m in model.named_modules():
         if not name or name.startswith(opaque):
             continue
+        parametrized = parametrize.is_parametrized(m)
+        if parametrized:  # its `parametrizations` compute its weights (weight norm, ...), not activations
+            opaque += (name + ".parametrizations.",)
+        children = [n for n, _ in m.named_children() if not (parametrized and n == "parametrizations")]
         if isinstance(m, _CALLS_CHILDREN_WEIGHTS):
             opaque += (name + ".",)
             names.append(name)
-        elif not any(m.children()) and not isinstance(m, _SKIPPED_LEAVES):
+        elif not children and not isinstance(m, _SKIPPED_LEAVES):
             names.append(name)
     return names
 
@@ -222,10 +252,10 @@ def bind(plan: GroupPlan, model: nn.Module) -> Binding:
     bound: set[int] = set()  # a tied parameter is bound once, with the first module that owns it
     for gi, group in enumerate(param_groups):
         for module_name in group.param_modules:
-            for pname, p in modules[module_name].named_parameters(recurse=False):
+            for pname, p in owned_parameters(module_name, modules[module_name]):
                 if p.requires_grad and id(p) not in bound:
                     bound.add(id(p))
-                    p_names.append(f"{module_name}.{pname}" if module_name else pname)
+                    p_names.append(pname)
                     params.append(p)
                     p_index.append(gi)
     a_names, a_modules, a_index = [], [], []
