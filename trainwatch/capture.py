@@ -56,8 +56,7 @@ class Capture:
         # would cost more than the copy). If the file cannot be written, copies in memory from then on.
         self._before: list[Tensor] | None = None
         self._pre_step: WeightCopy | None = None
-        weight_bytes = sum(p.numel() * p.element_size() for p in binding.params)
-        self._pre_step_in_file = device.type == "cpu" and weight_bytes > weight_copy.IN_MEMORY_BYTES
+        self._pre_step_in_file = device.type == "cpu" and not weight_copy.fits_in_memory(binding.params)
         self._weight_norms: Tensor | None = None
         self._grad: G.TensorStats | None = None
 

@@ -79,8 +79,9 @@ def param_modules(model: nn.Module) -> list[str]:
         own = [p for p in m.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
         seen.update(id(p) for p in m.parameters(recurse=False))
         owner = _parametrized_owner(name, modules)
-        if own and (owner if owner is not None else name) not in names:
-            names.append(owner if owner is not None else name)
+        key = name if owner is None else owner
+        if own and key not in names:
+            names.append(key)
     return names
 
 
@@ -110,12 +111,12 @@ def activation_modules(model: nn.Module) -> list[str]:
     output watched instead of children whose forward never runs (they would log zeros); so does a leaf whose
     weights are parametrized (`torch.nn.utils.parametrize`), whose `parametrizations` compute weights."""
     names, opaque = [], ()
-    for name, m in model.named_modules():
-        if not name or name.startswith(opaque):
+    modules = dict(model.named_modules())
+    for name, m in modules.items():
+        # a parametrized module's `parametrizations` compute its weights (weight norm, ...), not activations
+        if not name or name.startswith(opaque) or _parametrized_owner(name, modules) is not None:
             continue
         parametrized = parametrize.is_parametrized(m)
-        if parametrized:  # its `parametrizations` compute its weights (weight norm, ...), not activations
-            opaque += (name + ".parametrizations.",)
         children = [n for n, _ in m.named_children() if not (parametrized and n == "parametrizations")]
         if isinstance(m, _CALLS_CHILDREN_WEIGHTS):
             opaque += (name + ".",)

@@ -47,12 +47,15 @@ class Packer:
         """`values[i]` becomes metric `<family>/<keys[i]>`; with `present` (a device bool per key, read with the rest
         of the record: no sync), only where `present[i]` holds (e.g. a module that produced no output: no value)."""
         if values.numel() != len(keys) or (present is not None and present.numel() != len(keys)):
-            raise ValueError(f"{family}: {values.numel()} values for {len(keys)} keys")
+            flags = "" if present is None else f" and {present.numel()} flags"
+            raise ValueError(f"{family}: {values.numel()} values{flags} for {len(keys)} keys")
         if present is None:
             self._add(_Entry(family, tuple(keys), tuple(values.shape)), values)
-        else:
-            both = torch.cat([values.detach().reshape(-1).double(), present.reshape(-1).double()])
-            self._add(_Entry(family, tuple(keys), (len(keys),), masked=True), both)
+        else:  # the flags travel after the values, in the same copy
+            self._add(
+                _Entry(family, tuple(keys), (len(keys),), masked=True),
+                torch.cat([values.reshape(-1), present.reshape(-1).to(values.dtype)]),
+            )
 
     def metric(self, key: str, value: Tensor) -> None:
         self._add(_Entry(key, ("",), (1,)), value.reshape(1))

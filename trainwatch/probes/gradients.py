@@ -57,7 +57,7 @@ def norms(tensors: Sequence[Tensor], ord: float) -> Tensor:
     """Norms as a float32 vector, accumulated in float32 (float64 tensors, e.g. `precision="64-true"`, in float64,
     and complex ones in their own precision: torch refuses to narrow those inside the norm)."""
     tensors = list(tensors)
-    if all(t.dtype != torch.float64 and not t.is_complex() for t in tensors):
+    if not any(_wide(t) for t in tensors):
         return torch.stack(torch._foreach_norm(tensors, ord, dtype=torch.float32))
     return torch.stack([torch.linalg.vector_norm(t, ord, dtype=None if _wide(t) else torch.float32).float() for t in tensors])
 

@@ -30,6 +30,11 @@ MAP_BYTES = 4 << 20  # beside the CPU, how much of the copy's file is mapped at 
 IN_MEMORY_BYTES = MAP_BYTES  # beside the CPU, a copy up to this size is kept in process memory, not in a file
 
 
+def fits_in_memory(params: Sequence[Tensor]) -> bool:
+    """Whether a copy of `params` is small enough to keep in process memory beside the CPU (`IN_MEMORY_BYTES`)."""
+    return sum(p.numel() * p.element_size() for p in params) <= IN_MEMORY_BYTES
+
+
 @dataclass(frozen=True)
 class _Chunk:
     """A run of whole or partial parameters of one dtype that lie next to each other in the copy."""
@@ -91,7 +96,7 @@ class WeightCopy:
         self._file: IO[bytes] | None = None
         if self.device.type == "cuda":
             self._host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)  # allocated pinned: no pageable twin
-        elif nbytes <= IN_MEMORY_BYTES:
+        elif fits_in_memory(params):
             self._host = torch.empty(nbytes, dtype=torch.uint8)
         else:
             self._file = tempfile.TemporaryFile(dir=directory, prefix="trainwatch-weights-")  # unlinked: gone with the process
