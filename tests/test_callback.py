@@ -372,34 +372,15 @@ def test_bad_configuration_fails_in_setup_before_any_step(store, kwargs, match):
         ({"every_n_steps": 0}, r"every_n_steps=0\)`"),
         ({"activations": "all"}, r"activations='all'\)` must be one of"),
         ({"max_metric_keys": 10}, r"max_metric_keys=10\)` must be an integer >= "),
-        ({"probe_batch": [1, 2]}, r"probe_batch=...\)` must be a tensor"),
+        ({"probe_batch": [1, 2]}, r"probe_batch=...\)` must hold one batch.*found no tensor"),
+        ({"probe_batch": (torch.zeros(4, 8), torch.zeros(3))}, r"found shape \(4, 8\) float32, shape \(3,\) float32"),
+        ({"probe_batch": "x"}, r"probe_batch=...\)` must be a tensor .*, a tuple or list .* or a dict .*got str"),
         ({"writer": "async"}, r"writer='async'\)` must be 'process'"),
     ],
 )
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainWatch(**kwargs)
-
-
-def test_probe_from_dict_batches_asks_for_probe_batch(store):
-    class DictData(torch.utils.data.Dataset):
-        def __len__(self):
-            return 8
-
-        def __getitem__(self, i):
-            return {"x": torch.zeros(8), "y": 0}
-
-    class DictModel(Classifier):
-        def training_step(self, batch, batch_idx):
-            return self(batch["x"]).sum()
-
-    loader = torch.utils.data.DataLoader(DictData(), batch_size=4)
-    with pytest.raises(MisconfigurationException, match=r"Pass `TrainWatch\(probe_batch=...\)`"):
-        trainer(max_steps=2, callbacks=[TrainWatch(tracking_uri=store)]).fit(DictModel(mlp()), loader)
-    # with an explicit probe batch the same model trains and is watched
-    trainer(max_steps=2, callbacks=[TrainWatch(tracking_uri=store, probe_batch=torch.randn(4, 8), every_n_steps=1)]).fit(
-        DictModel(mlp()), loader
-    )
 
 
 def test_state_dict_keeps_the_probe_set_for_a_resumed_run(store, tmp_path):
@@ -411,7 +392,7 @@ def test_state_dict_keeps_the_probe_set_for_a_resumed_run(store, tmp_path):
     t.save_checkpoint(ckpt)
     resumed = TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False)
     trainer(max_steps=4, callbacks=[resumed]).fit(Classifier(mlp()), train, val, ckpt_path=ckpt)
-    assert torch.equal(resumed.state_dict()["probe_inputs"], watch.state_dict()["probe_inputs"])
+    assert torch.equal(resumed.state_dict()["probe_inputs"]["args"][0], watch.state_dict()["probe_inputs"]["args"][0])
 
 
 class Troubled(Classifier):
@@ -954,7 +935,7 @@ def test_a_fit_resumed_into_the_same_run_keeps_the_first_fits_tables(store, tmp_
     again = TrainWatch(every_n_steps=2, activations_every_n_steps=2, system_metrics=False, probe_batch=probe)
     same_run = MLFlowLogger(experiment_name="resume", tracking_uri=store, run_id=logger.run_id)
     trainer(max_steps=8, logger=same_run, callbacks=[again]).fit(Classifier(mlp()), train, val, ckpt_path=ckpt)
-    assert torch.equal(again.state_dict()["probe_inputs"], probe)
+    assert torch.equal(again.state_dict()["probe_inputs"]["args"][0], probe)
     client = MlflowClient(store)
     parts = sorted(f.path for f in client.list_artifacts(logger.run_id, "trainwatch/stats/params"))
     assert [p.rsplit("/", 1)[1] for p in parts] == ["part-00000.npz", "part-00001.npz"]

@@ -104,7 +104,8 @@ def test_the_probe_batch_waits_in_pinned_host_memory_and_its_numbers_match_the_c
         return watch
 
     on_gpu = run("cuda", "gpu")
-    assert on_gpu._probe_inputs.device.type == "cpu" and on_gpu._probe_inputs.is_pinned()
+    (held,) = on_gpu._probe_inputs.tensors()
+    assert held.device.type == "cpu" and held.is_pinned()
     run("cpu", "cpu")
     client = MlflowClient(store)
 

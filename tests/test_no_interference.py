@@ -40,6 +40,7 @@ def test_probe_preserves_prefilled_grads_and_mode(store):
     """Drive the probe directly on a model holding gradients, in a mixed train/eval state."""
     from trainwatch.capture import Capture
     from trainwatch.groups import activation_modules, bind, param_modules, plan_groups
+    from trainwatch.probes.model_inputs import ModelInputs
     from trainwatch.record import Packer
 
     model = cnn()
@@ -52,7 +53,9 @@ def test_probe_preserves_prefilled_grads_and_mode(store):
     capture = Capture(bind(plan, model), torch.device("cpu"), distance_from_init=True)
     packer = Packer(0)
     rng = torch.get_rng_state()
-    capture.probe_activations(model, torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), lambda t: t, packer)
+    capture.probe_activations(
+        model, ModelInputs.of(torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))), lambda t: t, packer
+    )
     assert torch.equal(rng, torch.get_rng_state())
     assert [m.training for m in model.modules()] == [True, True, True, True, False, True, True, True, True, True, True]
     assert all(torch.equal(grads[n], p.grad) for n, p in model.named_parameters())

@@ -37,6 +37,7 @@ from trainwatch.landscape.job import module_loss
 from trainwatch.ops import ArtifactOp, ParamsOp, TagsOp
 from trainwatch.probes import dynamics
 from trainwatch.probes.cam_probe import CamProbe, balanced_probes
+from trainwatch.probes.model_inputs import ModelInputs
 from trainwatch.probes.nonfinite import NonfiniteWatch
 from trainwatch.probes.probe_batch import check_forward, draw_inputs, first_loader
 from trainwatch.publish import ARTIFACT_ROOT, TABLES, Publisher, earlier_snapshots, groups_artifact, next_parts
@@ -70,18 +71,19 @@ SYSTEM_KEYS, SYSTEM_KEYS_PER_GPU = 8, 6  # MLflow's system-metrics monitor: CPU,
 LANDSCAPE_KEYS = 5  # landscape/<name>/...: centre loss, sharpness, three curvatures
 
 
-def _probe_home(inputs: Tensor, device: torch.device) -> Tensor:
+def _probe_home(inputs: ModelInputs, device: torch.device) -> ModelInputs:
     """Where the probe batch waits between snapshots: beside a GPU in pinned host memory, each part copied over
     (non-blocking) only while it is forwarded, so the device holds one part, not the whole batch, for the run;
     elsewhere on the device itself."""
-    return inputs.cpu().pin_memory() if device.type == "cuda" else inputs.to(device)
+    return inputs.map(lambda t: t.cpu().pin_memory() if device.type == "cuda" else t.to(device))
 
 
-def _like_module(module: nn.Module, inputs: Tensor) -> Tensor:
-    """Floating-point inputs in the module's dtype as it is during `setup`, for the dry runs there: Lightning converts
-    the module (`precision="64-true"`, `"bf16-true"`) only afterwards, and so its batches."""
+def _like_module(module: nn.Module, inputs: T) -> T:
+    """Floating-point inputs (a tensor or ModelInputs) in the module's dtype as it is during `setup`, for the dry runs
+    there: Lightning converts the module (`precision="64-true"`, `"bf16-true"`) only afterwards, and so its batches."""
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
-    return inputs.to(dtype) if dtype is not None and inputs.is_floating_point() else inputs
+    cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return inputs.map(cast) if isinstance(inputs, ModelInputs) else cast(inputs)
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -146,7 +148,7 @@ class TrainWatch(pl.Callback):
         every_n_steps: int | None = None,
         activations: ActivationSource = "probe",
         activations_every_n_steps: int | None = None,
-        probe_batch: Tensor | None = None,
+        probe_batch: Tensor | tuple | list | dict | None = None,
         probe_samples: int = 64,
         modules: list[str] | None = None,
         max_metric_keys: int = 300,
@@ -191,8 +193,10 @@ class TrainWatch(pl.Callback):
             raise ValueError(f"`TrainWatch(writer={writer!r})` must be 'process' (MLflow's client in a child process) or 'thread'.")
         if activations not in ("probe", "live", "off"):
             raise ValueError(f"`TrainWatch(activations={activations!r})` must be one of 'probe', 'live', 'off'.")
-        if probe_batch is not None and not isinstance(probe_batch, Tensor):
-            raise ValueError(f"`TrainWatch(probe_batch=...)` must be a tensor of model inputs, got {type(probe_batch).__name__}.")
+        try:
+            self._given_probe = None if probe_batch is None else ModelInputs.of(probe_batch)
+        except ValueError as error:
+            raise ValueError(f"`TrainWatch(probe_batch=...)` {error}") from error
         min_keys = RESERVED_KEYS + 11
         if not isinstance(max_metric_keys, int) or max_metric_keys < min_keys:
             raise ValueError(f"`TrainWatch(max_metric_keys={max_metric_keys!r})` must be an integer >= {min_keys}.")
@@ -246,7 +250,7 @@ class TrainWatch(pl.Callback):
         self._uri: str | None = None
         self._client: Any = None
         self._monitor: Any = None
-        self._probe_inputs: Tensor | None = None
+        self._probe_inputs: ModelInputs | None = None
         self._probe_part: int | None = None  # samples per probe forward: the first training batch's size
         self._packer: Packer | None = None
         self._due_step: int | None = None  # the logged optimizer step whose record is open
@@ -299,8 +303,8 @@ class TrainWatch(pl.Callback):
             )
         try:
             self._setup_model(pl_module)
-            if self.probe_batch is not None:
-                check_forward(pl_module, _like_module(pl_module, self.probe_batch), "the `probe_batch` argument")
+            if self._given_probe is not None:
+                check_forward(pl_module, _like_module(pl_module, self._given_probe), "the `probe_batch` argument")
             if self._cam_on and isinstance(self.cam_probes, Tensor):
                 assert self.cam_targets is not None
                 CamProbe.build(pl_module, self.cam_methods, self.cam_layer, _like_module(pl_module, self.cam_probes), self.cam_targets)
@@ -544,10 +548,12 @@ class TrainWatch(pl.Callback):
                         ("training data", first_loader(trainer.train_dataloader)),
                     ]
                     source, inputs = (
-                        ("`probe_batch`", self.probe_batch) if self.probe_batch is not None else draw_inputs(sources, self.probe_samples)
+                        ("`probe_batch`", self._given_probe)
+                        if self._given_probe is not None
+                        else draw_inputs(sources, self.probe_samples, pl_module.example_input_array)
                     )
-                    inputs = _like_module(pl_module, trainer.precision_plugin.convert_input(inputs))  # as batches ("64-true")
-                    check_forward(pl_module, inputs.to(pl_module.device), source)
+                    inputs = _like_module(pl_module, inputs.map(trainer.precision_plugin.convert_input))  # as batches ("64-true")
+                    check_forward(pl_module, inputs.map(lambda t: t.to(pl_module.device)), source)
                     self._probe_inputs = inputs
             except ValueError as error:
                 raise MisconfigurationException(str(error)) from error
@@ -561,7 +567,7 @@ class TrainWatch(pl.Callback):
         if trainer.is_global_zero:
             self._export_eval_data(trainer)
             if self.sink is not None:
-                sample = self._probe_inputs[:2].to(pl_module.device) if self._probe_inputs is not None else None
+                sample = self._probe_inputs.head(2).map(lambda t: t.to(pl_module.device)) if self._probe_inputs is not None else None
                 self.sink.submit(ArtifactOp(ARCHITECTURE, export.architecture(pl_module, sample)))
             if self.trajectory_every_n_epochs and trainer.current_epoch == 0:
                 self._snapshot_trajectory(pl_module, 0)
@@ -884,7 +890,7 @@ class TrainWatch(pl.Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         """The probe batch, and our own run (a resumed fit goes on in it)."""
-        state: dict[str, Any] = {"probe_inputs": None if self._probe_inputs is None else self._probe_inputs.detach().cpu()}
+        state: dict[str, Any] = {"probe_inputs": None if self._probe_inputs is None else self._probe_inputs.state()}
         if self._own_run:
             state["run"] = {"tracking_uri": without_password(self._uri or ""), "run_id": self.run_id}
         elif self._resume_run is not None:  # loaded, not used yet (say, a learning-rate finder saved in between)
@@ -896,6 +902,6 @@ class TrainWatch(pl.Callback):
         """A resumed fit forwards the probe batch of the first one (comparable numbers), unless `probe_batch=` is given,
         and goes on in the first one's own run."""
         if self.probe_batch is None:
-            self._probe_inputs = state_dict.get("probe_inputs")
+            self._probe_inputs = ModelInputs.from_state(state_dict.get("probe_inputs"))
         run = state_dict.get("run")
         self._resume_run = run if isinstance(run, dict) and {"run_id", "tracking_uri"} <= run.keys() else None

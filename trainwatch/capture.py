@@ -17,6 +17,7 @@ from trainwatch.probes import gradients as G
 from trainwatch.probes import weight_copy
 from trainwatch.probes._scope import untouched
 from trainwatch.probes.activations import STAT_COLUMNS, ActivationProbe, pool_summaries, saturation_kind
+from trainwatch.probes.model_inputs import ModelInputs
 from trainwatch.probes.weight_copy import WeightCopy, measure
 from trainwatch.record import Packer
 
@@ -138,7 +139,7 @@ class Capture:
         self._before = None
 
     def probe_activations(
-        self, model: nn.Module, inputs: Tensor, reduce: Callable[[Tensor], Tensor], packer: Packer | None, part: int | None = None
+        self, model: nn.Module, inputs: ModelInputs, reduce: Callable[[Tensor], Tensor], packer: Packer | None, part: int | None = None
     ) -> None:
         """Forward the fixed probe batch in eval mode, leaving the model untouched; summaries are summed
         over ranks with `reduce` (a collective every rank must call).
@@ -148,10 +149,10 @@ class Capture:
         otherwise run out of memory. The parts add up to the summaries of the whole batch, dead units included."""
         with untouched(model):
             # Balanced parts (sizes differ by at most one): no one-sample remainder that a model's squeeze() might trip on.
-            for chunk in inputs.tensor_split(-(-len(inputs) // part)) if part else [inputs]:
-                self.activations.arm(len(chunk))
+            for chunk in inputs.parts(-(-inputs.samples // part)) if part else [inputs]:
+                self.activations.arm(chunk.samples)
                 try:
-                    model(chunk.to(self.device, non_blocking=True))  # pinned beside a GPU: no host sync
+                    chunk.map(lambda t: t.to(self.device, non_blocking=True)).forward(model)  # pinned beside a GPU: no host sync
                 finally:
                     self.activations.disarm()
         self.pack_activations(reduce(self.activations.collect(self.device)), packer)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from trainwatch._version import __version__
 from trainwatch.probes._scope import preserved_rng
+from trainwatch.probes.model_inputs import ModelInputs
 
 EVAL_DATA = "trainwatch/landscape/eval.safetensors"
 MODEL_JSON = "trainwatch/model/model.json"
@@ -89,7 +90,7 @@ def model_json(module: nn.Module) -> bytes:
     return json.dumps(meta, indent=1).encode()
 
 
-def architecture(model: nn.Module, sample: Tensor | None) -> bytes:
+def architecture(model: nn.Module, sample: ModelInputs | None) -> bytes:
     """The module tree for the dashboard: name, type, depth, parameter counts and, when `sample` (a couple of
     inputs) is given, each module's output shape from one forward on it, with the model left untouched."""
     from trainwatch.probes._scope import untouched
@@ -108,7 +109,7 @@ def architecture(model: nn.Module, sample: Tensor | None) -> bytes:
             handles.append(module.register_forward_hook(hook))
         try:
             with untouched(model):
-                model(sample)
+                sample.forward(model)
         except Exception:  # noqa: BLE001 - the tree without shapes is still worth having
             shapes.clear()
         finally:

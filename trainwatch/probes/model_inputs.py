@@ -1,0 +1,144 @@
+"""What a probe forwards: the positional and keyword inputs of the model's forward, held by samples.
+
+Follows Lightning's `example_input_array` convention (its model summary calls the model the same way): a tensor is
+the one argument, a tuple or list the positional arguments, a dict the keyword arguments. Tensors may nest in
+tuples, lists and dicts (a forward that takes a dict of features); every tensor with a dimension has the samples
+along its first one, and a 0-d tensor or any other value goes whole to every part. Pure values; no Lightning here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch import Tensor, nn
+
+FORMS = "a tensor (the forward's one input), a tuple or list (its positional inputs) or a dict (its keyword inputs)"
+
+
+@dataclass(frozen=True)
+class ModelInputs:
+    """`model(*args, **kwargs)` for a batch of `samples` inputs; raises ValueError when it holds no batch of samples."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        sizes = {t.shape[0] for t in self.tensors() if t.dim()}
+        if len(sizes) != 1:
+            found = ", ".join(_describe(t) for t in self.tensors()) or "no tensor"
+            raise ValueError(f"must hold one batch: tensors whose first dimension is the samples, as many in each; found {found}.")
+
+    @classmethod
+    def of(cls, value: object) -> ModelInputs:
+        """The inputs a user gives (`probe_batch=`), in Lightning's `example_input_array` convention."""
+        if isinstance(value, Tensor):
+            return cls((value,))
+        if isinstance(value, (tuple, list)):
+            return cls(tuple(value))
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return cls((), dict(value))
+        raise ValueError(f"must be {FORMS}, got {type(value).__name__}.")
+
+    @property
+    def samples(self) -> int:
+        return next(t.shape[0] for t in self.tensors() if t.dim())
+
+    def tensors(self) -> list[Tensor]:
+        found: list[Tensor] = []
+        apply_to_collection((self.args, self.kwargs), Tensor, found.append)
+        return found
+
+    def map(self, fn: Callable[[Tensor], Tensor], *, by_sample: bool = False) -> ModelInputs:
+        """Every tensor through `fn`; with `by_sample`, only those that hold the samples (to slice them)."""
+        apply = (lambda t: fn(t) if t.dim() else t) if by_sample else fn
+        args, kwargs = apply_to_collection((self.args, self.kwargs), Tensor, apply)
+        return ModelInputs(tuple(args), dict(kwargs))
+
+    def head(self, n: int) -> ModelInputs:
+        return self.map(lambda t: t[:n], by_sample=True)
+
+    def parts(self, count: int) -> list[ModelInputs]:
+        """`count` balanced parts (sizes differ by at most one), in order."""
+        return [self.map(lambda t, i=i: t.tensor_split(count)[i], by_sample=True) for i in range(count)]
+
+    def forward(self, model: nn.Module) -> Any:
+        return model(*self.args, **self.kwargs)
+
+    def describe(self) -> str:
+        """Shapes and dtypes, for error messages: `shape (64, 1, 8, 8) float32` or `input_ids shape (4, 16) int64, ...`."""
+        if not self.kwargs and len(self.args) == 1 and isinstance(self.args[0], Tensor):
+            return _describe(self.args[0])
+        named = [(f"[{i}]", a) for i, a in enumerate(self.args)] + list(self.kwargs.items())
+        return ", ".join(f"{name} {_describe(v) if isinstance(v, Tensor) else type(v).__name__}" for name, v in named)
+
+    def state(self) -> dict[str, Any]:
+        """Plain containers of host tensors: what a checkpoint loads with `weights_only=True`."""
+        moved = self.map(lambda t: t.detach().cpu())
+        return {"args": moved.args, "kwargs": moved.kwargs}
+
+    @classmethod
+    def from_state(cls, state: object) -> ModelInputs | None:
+        """What `state` saved; a bare tensor is the probe batch of a checkpoint written before inputs had forms."""
+        if isinstance(state, Tensor):
+            return cls((state,))
+        if isinstance(state, dict) and {"args", "kwargs"} <= state.keys():
+            return cls(tuple(state["args"]), dict(state["kwargs"]))
+        return None
+
+
+def concat(chunks: list[ModelInputs]) -> ModelInputs:
+    """The chunks' samples one after the other; the chunks have one structure (the first one's values elsewhere)."""
+    columns = zip(*(chunk.tensors() for chunk in chunks), strict=True)
+    joined: Iterator[Tensor] = iter([torch.cat(column) if column[0].dim() else column[0] for column in columns])
+    return chunks[0].map(lambda _: next(joined))
+
+
+def same_form(a: ModelInputs, b: ModelInputs) -> bool:
+    """The same structure and per-sample shapes (the sample counts may differ): they can be concatenated."""
+    ta, tb = a.tensors(), b.tensors()
+    return (
+        len(a.args) == len(b.args)
+        and a.kwargs.keys() == b.kwargs.keys()
+        and len(ta) == len(tb)
+        and all(x.shape[1:] == y.shape[1:] and x.dim() == y.dim() and x.dtype == y.dtype for x, y in zip(ta, tb, strict=True))
+    )
+
+
+def inputs_of(batch: object, template: object = None) -> ModelInputs:
+    """The model's inputs in a batch of the data. `template`, the LightningModule's `example_input_array`, tells
+    which when it is set: a dict names the batch's input keys, a tuple of k counts its first k items. Otherwise the
+    first item of a tuple batch, or a tensor batch itself, is the forward's one input."""
+    try:
+        return _inputs_of(batch, template)
+    except ValueError as error:
+        raise ValueError(f"the model inputs in its batches {error}") from error
+
+
+def _inputs_of(batch: object, template: object) -> ModelInputs:
+    if isinstance(batch, Tensor):
+        return ModelInputs((batch,))
+    if isinstance(batch, dict):
+        if not isinstance(template, dict):
+            raise ValueError(
+                f"are unknown: the batches are dicts (keys {', '.join(map(repr, batch))}) and TrainWatch cannot tell inputs "
+                "from targets. Set the LightningModule's `example_input_array` to a dict of the forward's "
+                "keyword inputs (Lightning's convention: its keys say which batch keys to forward)"
+            )
+        missing = [k for k in template if k not in batch]
+        if missing:
+            raise ValueError(
+                f"lack {', '.join(map(repr, missing))}, which `example_input_array` names (the batches hold {', '.join(map(repr, batch))})"
+            )
+        return ModelInputs((), {k: batch[k] for k in template})
+    if isinstance(batch, (tuple, list)) and batch:
+        count = len(template) if isinstance(template, (tuple, list)) else 1
+        return ModelInputs(tuple(batch[:count]))
+    raise ValueError(f"are unknown: the batches are {type(batch).__name__}, not a tensor, a tuple or a dict")
+
+
+def _describe(t: Tensor) -> str:
+    return f"shape {tuple(t.shape)} {str(t.dtype).removeprefix('torch.')}"
