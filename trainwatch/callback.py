@@ -22,6 +22,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from torch.nn.parameter import is_lazy
 from typing_extensions import override
@@ -301,17 +302,29 @@ class TrainWatch(pl.Callback):
                 f"`TrainWatch` takes its cadence from the trainer's `log_every_n_steps`, which is {trainer.log_every_n_steps} "
                 "here (not a positive number of steps): pass `TrainWatch(every_n_steps=N)`."
             )
+        if not is_overridden("configure_model", pl_module):
+            self._check_model(pl_module)
+        if trainer.is_global_zero:
+            self._connect(trainer)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if is_overridden("configure_model", pl_module):  # its layers exist, under their final names, only now
+            self._check_model(pl_module)
+
+    def _check_model(self, pl_module: pl.LightningModule) -> None:
+        """The model-dependent checks and the group plan, before the first step: in `setup`, or in `on_fit_start` for a
+        module that builds (or wraps, or compiles) its layers in `configure_model`, which Lightning calls after `setup`."""
+        prepared = lambda t: _like_module(pl_module, t).to(pl_module.device)
         try:
             self._setup_model(pl_module)
             if self._given_probe is not None:
-                check_forward(pl_module, _like_module(pl_module, self._given_probe), "the `probe_batch` argument")
+                check_forward(pl_module, self._given_probe.map(prepared), "the `probe_batch` argument")
             if self._cam_on and isinstance(self.cam_probes, Tensor):
                 assert self.cam_targets is not None
-                CamProbe.build(pl_module, self.cam_methods, self.cam_layer, _like_module(pl_module, self.cam_probes), self.cam_targets)
+                CamProbe.build(pl_module, self.cam_methods, self.cam_layer, prepared(self.cam_probes), self.cam_targets)
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
-        if trainer.is_global_zero:
-            self._connect(trainer)
 
     def _setup_model(self, model: pl.LightningModule) -> None:
         lazy = sorted({n.rpartition(".")[0] or n for n, p in model.named_parameters() if is_lazy(p)})
