@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -116,3 +117,35 @@ def test_the_probe_batch_waits_in_pinned_host_memory_and_its_numbers_match_the_c
     gpu, cpu = zero_frac("gpu"), zero_frac("cpu")
     assert sorted(gpu) == sorted(cpu) == [0, 2]
     assert gpu == pytest.approx(cpu, abs=0.02)  # the same training on another device: close, not bit-equal
+
+
+class Regressor(Classifier):
+    """An MSE head: `Trainer(deterministic=True)` refuses NLLLoss on CUDA, a refusal of the user's own loss."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self(x), torch.nn.functional.one_hot(y, 3).float())
+
+
+def test_deterministic_training_on_cuda_is_watched(store):
+    """`Trainer(deterministic=True)` turns on `torch.use_deterministic_algorithms`, under which `torch.histc` raises on
+    CUDA: the activation histograms count by `index_add_` instead, and equal those of the same fit without it."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.models import blobs, mlp
+
+    def run(deterministic, experiment):
+        pl.seed_everything(0)
+        watch = TrainWatch(
+            every_n_steps=2, activations_every_n_steps=2, tracking_uri=store, experiment_name=experiment, system_metrics=False
+        )
+        train = torch.utils.data.DataLoader(blobs(n=64), batch_size=16)
+        trainer(max_steps=4, accelerator="cuda", deterministic=deterministic, callbacks=[watch]).fit(Regressor(mlp()), train)
+        client = MlflowClient(store)
+        (r,) = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        hist = np.load(client.download_artifacts(r.info.run_id, "trainwatch/histograms/activations/part-00000.npz"))
+        return hist["values"]
+
+    strict, loose = run(True, "deterministic"), run(False, "default")
+    assert strict.shape == loose.shape and strict.shape[0] == 2
+    np.testing.assert_array_equal(strict, loose)

@@ -62,6 +62,20 @@ def test_sync_free_slot_counts_stay_exact_beyond_float32_integers():
     assert torch.equal(A._histc_counts(slots[:1000], 8, chunk=7), torch.bincount(slots[:1000], minlength=8).double())
 
 
+def test_deterministic_mode_counts_are_exact_in_parts():
+    """The counting path for `torch.use_deterministic_algorithms(True)` on CUDA (histc raises there), run on the CPU:
+    parts with a remainder, one slot holding nearly all, and no slots at all."""
+    slots = torch.cat([torch.tensor([1, 2, 2, 6, 7], dtype=torch.int32), torch.zeros(1000, dtype=torch.int32)])
+    torch.use_deterministic_algorithms(True)
+    try:
+        counts = A._indexed_counts(slots, 8, chunk=7)
+        empty = A._indexed_counts(slots[:0], 8)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert counts.dtype == torch.int64 and torch.equal(counts, torch.bincount(slots, minlength=8))
+    assert torch.equal(empty, torch.zeros(8, dtype=torch.int64))
+
+
 def test_summary_columns_match_torch():
     g = torch.Generator().manual_seed(1)
     x = torch.relu(torch.randn(16, 4, 5, generator=g))

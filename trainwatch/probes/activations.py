@@ -59,6 +59,8 @@ def _histogram_from_bits(bits: Tensor, edges: Tensor) -> Tensor:
     fine = cell.add_(cell).add_(above)
     if fine.device.type == "cpu":  # bincount is ~4x faster than histc on CPU but synchronises on CUDA
         counts = torch.bincount(fine, minlength=2 * _CELLS)  # int64
+    elif torch.are_deterministic_algorithms_enabled():  # histc has no deterministic CUDA kernel: it would raise
+        counts = _indexed_counts(fine, 2 * _CELLS)
     else:
         counts = _histc_counts(fine, 2 * _CELLS)
     folded = torch.zeros(num_bins(edges), dtype=counts.dtype, device=bits.device).index_add_(0, fold, counts)
@@ -72,6 +74,17 @@ def _histc_counts(slots: Tensor, n: int, chunk: int = 1 << 24) -> Tensor:
     counts = torch.zeros(n, dtype=torch.float64, device=slots.device)
     for part in slots.split(chunk):
         counts += torch.histc(part.to(torch.float32), bins=n, min=0, max=n)
+    return counts
+
+
+def _indexed_counts(slots: Tensor, n: int, chunk: int = 1 << 22) -> Tensor:
+    """Exact int64 counts of the integers 0..n-1 in `slots` by `index_add_`, without a host sync, for deterministic
+    mode (`torch.use_deterministic_algorithms`, Lightning's `deterministic=True`), in which `histc` raises on CUDA and
+    `index_add_` runs a slower, deterministic kernel. In parts: the ones it adds are an int32 tensor as long as a part."""
+    counts = torch.zeros(n, dtype=torch.int64, device=slots.device)
+    ones = torch.ones(min(chunk, slots.numel()), dtype=torch.int32, device=slots.device)
+    for part in slots.split(chunk):
+        counts += torch.zeros(n, dtype=torch.int32, device=slots.device).index_add_(0, part, ones[: len(part)])
     return counts
 
 
