@@ -916,13 +916,32 @@ def test_the_key_budget_holds_for_the_whole_run_with_cam_system_metrics_and_land
     assert len(keys) <= 300, len(keys)  # CAM (8 probes x 6), system (8), landscape (5) and train/ keys included
 
 
-def test_a_fit_resumed_into_the_same_run_keeps_the_first_fits_tables(store, tmp_path):
+def test_a_fit_resumed_into_the_same_run_keeps_the_first_fits_tables(store, tmp_path, monkeypatch):
     """Resume from a mid-run checkpoint (step 4 of 8) into the logger's run: the first fit's table parts stay, the
     resumed fit's go after them, the dashboard takes the resumed rows for the steps logged twice; an explicit
-    `probe_batch` wins over the checkpoint's; the run says where weight_dist_init now measures from."""
+    `probe_batch` wins over the checkpoint's; the run says where weight_dist_init now measures from. The first fit's
+    snapshots, which begin the resumed fit's histogram image, are downloaded off the training thread."""
+    import threading
+
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from trainwatch.report import build_report
+    from trainwatch.runs import RunStore
+
+    training = threading.Event()  # set between on_train_start and on_train_end of the resumed fit
+    read, reads = RunStore.read, []  # (on the main thread, while it trains, what)
+    monkeypatch.setattr(
+        RunStore,
+        "read",
+        lambda self, *a: reads.append((threading.current_thread() is threading.main_thread(), training.is_set(), a[1])) or read(self, *a),
+    )
+
+    class Training(pl.Callback):
+        def on_train_start(self, *args):
+            training.set()
+
+        def on_train_end(self, *args):
+            training.clear()
 
     pl.seed_everything(0)
     train, val = loaders(blobs(n=128), batch_size=16)
@@ -934,8 +953,13 @@ def test_a_fit_resumed_into_the_same_run_keeps_the_first_fits_tables(store, tmp_
     probe = torch.randn(5, 8)
     again = TrainWatch(every_n_steps=2, activations_every_n_steps=2, system_metrics=False, probe_batch=probe)
     same_run = MLFlowLogger(experiment_name="resume", tracking_uri=store, run_id=logger.run_id)
-    trainer(max_steps=8, logger=same_run, callbacks=[again]).fit(Classifier(mlp()), train, val, ckpt_path=ckpt)
+    reads.clear()
+    trainer(max_steps=8, logger=same_run, callbacks=[Training(), again]).fit(Classifier(mlp()), train, val, ckpt_path=ckpt)
     assert torch.equal(again.state_dict()["probe_inputs"]["args"][0], probe)
+    table_reads = [main for main, _, what in reads if what == "activation table part"]
+    assert table_reads and not any(table_reads)  # the first fit's, on the sink thread
+    assert not [r for r in reads if r[:2] == (True, True)]  # nothing read on the training thread while it trains
+    assert again._publisher._histograms.steps[:2] == [0, 2]  # and it begins this fit's image
     client = MlflowClient(store)
     parts = sorted(f.path for f in client.list_artifacts(logger.run_id, "trainwatch/stats/params"))
     assert [p.rsplit("/", 1)[1] for p in parts] == ["part-00000.npz", "part-00001.npz"]

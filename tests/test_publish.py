@@ -129,6 +129,30 @@ def test_a_resumed_fits_images_go_on_from_the_earlier_fits_snapshots():
     assert image.image.kwargs["steps"] == [0, 4, 7, 9]  # records 3, 5 and 7 of the run: every 2nd still
 
 
+def test_earlier_snapshots_are_read_at_the_first_item_and_a_failed_read_only_loses_them(caplog):
+    """The callback hands the read to the publisher, which runs it on the sink thread with the first item."""
+    reads: list[int] = []
+    earlier = EarlierSnapshots(steps=[0, 2], counts=[np.zeros((3, BINS), dtype=np.float32)] * 2, stride=1, records=2)
+    publisher = Publisher([], ["a", "b", "c"], rows_per_part=10**9, render_every=10**9)
+    publisher.go_on_from_read(lambda: reads.append(1) or earlier, at_step=4)
+    assert reads == [] and publisher._histograms.steps == []
+    publisher(_activations(4))
+    publisher(_activations(5))
+    assert reads == [1] and publisher._histograms.steps == [0, 2, 4, 5]
+
+    def unreachable() -> EarlierSnapshots:
+        raise ConnectionError("server down")
+
+    lost = Publisher([], ["a", "b", "c"], rows_per_part=10**9, render_every=10**9)
+    lost.go_on_from_read(unreachable, at_step=4)
+    lost(_activations(4))
+    assert lost._histograms.steps == [4]
+    assert (
+        "snapshots could not be read (ConnectionError: server down); this fit's histogram image and CAM filmstrips begin at step 4"
+        in caplog.text
+    )
+
+
 def test_a_resumed_fit_with_other_probes_starts_its_filmstrips_afresh():
     g = np.random.default_rng(1)
     publisher, _ = _seeded_publisher(g.random((2, 1, 8, 8)), np.array([0, 1]), g)

@@ -13,7 +13,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -417,8 +417,9 @@ class TrainWatch(pl.Callback):
 
         parts = next_parts({t: paths_in(f"{ARTIFACT_ROOT}/{t}") for t in TABLES}) if self._resumed else {}
         publisher = Publisher(list(b.param_names), list(b.act_names), diagnosis=diagnosis, first_parts=parts)
-        if self._resumed:
-            self._go_on_from_earlier_snapshots(publisher, uri, trainer.global_step, b.act_names)
+        if self._resumed:  # the histogram image and CAM filmstrips begin with the earlier fit's snapshots
+            run, at, names = self.run_id, trainer.global_step, list(b.act_names)
+            publisher.go_on_from_read(lambda: earlier_snapshots(RunStore(run, uri), at, names), at)
         self._publisher = publisher
         writer = ProcessWriter(uri, self.run_id) if self.writer == "process" else MlflowWriter(self._client, self.run_id)
         self.sink = MlflowSink(writer, spool, publisher, self.queue_size, describe=f"MLflow at {uri}")
@@ -459,17 +460,6 @@ class TrainWatch(pl.Callback):
                 return json.loads(Path(self._client.download_artifacts(self.run_id, f"{ARTIFACT_ROOT}/diagnosis.json", tmp)).read_text())
         except (MlflowException, OSError, ValueError):
             return None
-
-    def _go_on_from_earlier_snapshots(self, publisher: Publisher, uri: str, before_step: int, act_names: Sequence[str]) -> None:
-        """Begin this fit's histogram-evolution image and CAM filmstrips with the earlier fit's snapshots (read
-        from the run's tables, once, before the first step); if they cannot be read, the images begin afresh."""
-        try:
-            publisher.go_on_from(earlier_snapshots(RunStore(self.run_id, uri), before_step, act_names))
-        except Exception as error:  # noqa: BLE001 - only the images lose their start
-            log.warning(
-                "trainwatch: the earlier fit's snapshots could not be read (%s: %s); this fit's histogram image and CAM "
-                "filmstrips begin at step %d.", type(error).__name__, error, before_step,
-            )  # fmt: skip
 
     def _earlier_history(self, key: str) -> list[tuple[int, int, float]]:
         """(step, timestamp, value) of a metric the run holds from earlier fits; none if the store does not answer."""

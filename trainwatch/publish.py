@@ -2,7 +2,8 @@
 and the rendered histogram-evolution image.
 
 It accumulates arrays between flushes; it never touches tensors (records arrive as host numbers) nor MLflow
-itself (a resumed run's earlier snapshots are read through the `RunStore` given to `earlier_snapshots`).
+itself (a resumed run's earlier snapshots are read, on the sink thread, through the `RunStore` given to
+`earlier_snapshots`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -193,6 +194,23 @@ class Publisher:
         self._cam_drawn: dict[str, tuple[float, int]] = {}  # per method: monotonic time and step of the last filmstrip
         # a resumed run's CAM snapshots and the probes they were drawn over, until this fit's probes arrive
         self._earlier_cam: tuple[dict[str, list], tuple[np.ndarray, np.ndarray]] | None = None
+        self._read_earlier: tuple[Callable[[], EarlierSnapshots], int] | None = None
+
+    def go_on_from_read(self, read: Callable[[], EarlierSnapshots], at_step: int) -> None:
+        """`go_on_from(read())`, called on the sink thread before the first item: a long run's tables download there,
+        not on the training thread. If `read` fails, the images begin afresh at `at_step`, with a warning."""
+        self._read_earlier = (read, at_step)
+
+    def _take_earlier(self) -> None:
+        assert self._read_earlier is not None
+        (read, at_step), self._read_earlier = self._read_earlier, None
+        try:
+            self.go_on_from(read())
+        except Exception as error:  # noqa: BLE001 - only the images lose their start
+            log.warning(
+                "trainwatch: the earlier fit's snapshots could not be read (%s: %s); this fit's histogram image and CAM "
+                "filmstrips begin at step %d.", type(error).__name__, error, at_step,
+            )  # fmt: skip
 
     def go_on_from(self, earlier: EarlierSnapshots) -> None:
         """Begin the evolution image and the filmstrips with an earlier fit's snapshots (a resumed run), before
@@ -201,6 +219,8 @@ class Publisher:
         self._earlier_cam = (earlier.cam, earlier.cam_probes) if earlier.cam and earlier.cam_probes is not None else None
 
     def __call__(self, item: object) -> list[Op]:
+        if self._read_earlier is not None:
+            self._take_earlier()
         if is_flush(item):
             return self._flush()
         if isinstance(item, PendingRecord):
