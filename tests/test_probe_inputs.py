@@ -81,13 +81,15 @@ def _assert_acts_match(uri: str, seen: ProbeOutputs, steps: list[int]) -> None:
         assert relu_zero[step] == pytest.approx((outs["4"] == 0).float().mean().item())
 
 
-def test_dict_batches_without_example_input_array_fail_in_setup_naming_both_fixes(store):
+def test_dict_batches_without_example_input_array_fail_before_training_naming_both_fixes(store):
     counter = StepCounter()
     loader = DataLoader(Records(), batch_size=16)
     message = r"training data: the model inputs in its batches are unknown: the batches are dicts \(keys 'x', 'scale', 'label'\).*`example_input_array`.*`TrainWatch\(probe_batch=...\)`"
     with pytest.raises(MisconfigurationException, match=message):
         trainer(max_steps=2, callbacks=[TrainWatch(tracking_uri=store), counter]).fit(KeywordModel(mlp()), loader)
     assert counter.batches == 0
+    experiment = MlflowClient(store).get_experiment_by_name("trainwatch")
+    assert experiment is None or not MlflowClient(store).search_runs([experiment.experiment_id])  # no FAILED run left
 
 
 def test_example_input_array_names_the_keyword_inputs_drawn_from_dict_batches(store):

@@ -80,11 +80,17 @@ def _probe_home(inputs: ModelInputs, device: torch.device) -> ModelInputs:
 
 
 def _like_module(module: nn.Module, inputs: T) -> T:
-    """Floating-point inputs (a tensor or ModelInputs) in the module's dtype as it is during `setup`, for the dry runs
-    there: Lightning converts the module (`precision="64-true"`, `"bf16-true"`) only afterwards, and so its batches."""
+    """Floating-point inputs (a tensor or ModelInputs) in the module's floating dtype, for the dry runs before training:
+    in `setup` Lightning has not yet converted the module (`precision="64-true"`, `"bf16-true"`), nor its batches."""
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), None)
     cast = lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t
     return inputs.map(cast) if isinstance(inputs, ModelInputs) else cast(inputs)
+
+
+def _builds_late(module: pl.LightningModule) -> bool:
+    """Whether the module has hooks Lightning calls after the callbacks' `setup`, in which it may build, wrap or
+    compile its layers: its own `setup`, `configure_model` (and its older name, `configure_sharded_model`)."""
+    return any(is_overridden(hook, module, pl.LightningModule) for hook in ("setup", "configure_model", "configure_sharded_model"))
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -302,20 +308,22 @@ class TrainWatch(pl.Callback):
                 f"`TrainWatch` takes its cadence from the trainer's `log_every_n_steps`, which is {trainer.log_every_n_steps} "
                 "here (not a positive number of steps): pass `TrainWatch(every_n_steps=N)`."
             )
-        if not is_overridden("configure_model", pl_module):
+        if not _builds_late(pl_module):
             self._check_model(pl_module)
         if trainer.is_global_zero:
             self._connect(trainer)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if is_overridden("configure_model", pl_module):  # its layers exist, under their final names, only now
+        if _builds_late(pl_module):  # its layers exist, under their final names, only now
             self._check_model(pl_module)
 
     def _check_model(self, pl_module: pl.LightningModule) -> None:
         """The model-dependent checks and the group plan, before the first step: in `setup`, or in `on_fit_start` for a
-        module that builds (or wraps, or compiles) its layers in `configure_model`, which Lightning calls after `setup`."""
-        prepared = lambda t: _like_module(pl_module, t).to(pl_module.device)
+        module that may build (or wrap, or compile) its layers in hooks Lightning calls after the callbacks' `setup`."""
+        # where the weights are: in `setup`, Lightning's `pl_module.device` already names the device they will move to
+        device = next((p.device for p in pl_module.parameters()), pl_module.device)
+        prepared = lambda t: _like_module(pl_module, t).to(device)
         try:
             self._setup_model(pl_module)
             if self._given_probe is not None:
@@ -528,6 +536,13 @@ class TrainWatch(pl.Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self.plan is not None
+        try:  # drawn from the data, which exist only now, and checked before a run is created for them
+            if self.activations == "probe" and self._probe_inputs is None:  # not restored from a checkpoint
+                self._probe_inputs = self._draw_probe(trainer, pl_module)
+            if self._cam_on and trainer.is_global_zero:
+                self._cam = self._build_cam(trainer, pl_module)
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from error
         if trainer.is_global_zero:
             self._start_run(trainer)
         binding = bind(self.plan, pl_module)
@@ -543,29 +558,10 @@ class TrainWatch(pl.Callback):
             log.info("trainwatch: resumed at step %d; weight_dist_init measures from the weights at that step.", trainer.global_step)
         if self.diagnose or self.on_nonfinite != "warn":  # every rank: "stop" and "skip_step" act on all of them
             self._nonfinite = NonfiniteWatch(binding.params, self._capture.param_index, len(binding.param_keys), pl_module.device)
-        if self.activations == "probe":
-            try:
-                if self._probe_inputs is None:  # not restored from a checkpoint
-                    sources = [
-                        ("validation data", first_loader(trainer.val_dataloaders)),
-                        ("training data", first_loader(trainer.train_dataloader)),
-                    ]
-                    source, inputs = (
-                        ("`probe_batch`", self._given_probe)
-                        if self._given_probe is not None
-                        else draw_inputs(sources, self.probe_samples, pl_module.example_input_array)
-                    )
-                    inputs = _like_module(pl_module, inputs.map(trainer.precision_plugin.convert_input))  # as batches ("64-true")
-                    check_forward(pl_module, inputs.map(lambda t: t.to(pl_module.device)), source)
-                    self._probe_inputs = inputs
-            except ValueError as error:
-                raise MisconfigurationException(str(error)) from error
+        if self._probe_inputs is not None:
             self._probe_inputs = _probe_home(self._probe_inputs, pl_module.device)
-        if self._cam_on and trainer.is_global_zero:
-            try:
-                self._cam = self._build_cam(trainer, pl_module).to(pl_module.device)
-            except ValueError as error:
-                raise MisconfigurationException(str(error)) from error
+        if self._cam is not None:
+            self._cam = self._cam.to(pl_module.device)
             self._start_cam(trainer, pl_module)
         if trainer.is_global_zero:
             self._export_eval_data(trainer)
@@ -633,6 +629,18 @@ class TrainWatch(pl.Callback):
                     )
                 self.sink.submit(ArtifactOp(export.MODEL_JSON, export.model_json(pl_module)))
                 self.sink.submit(ArtifactOp(export.CHECKPOINT, path.read_bytes()))
+
+    def _draw_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ModelInputs:
+        """The activation probe's inputs (`probe_batch`, or drawn from the data), as the fit's batches are."""
+        sources = [("validation data", first_loader(trainer.val_dataloaders)), ("training data", first_loader(trainer.train_dataloader))]
+        source, inputs = (
+            ("`probe_batch`", self._given_probe)
+            if self._given_probe is not None
+            else draw_inputs(sources, self.probe_samples, pl_module.example_input_array)
+        )
+        inputs = _like_module(pl_module, inputs.map(trainer.precision_plugin.convert_input))  # as batches ("64-true")
+        check_forward(pl_module, inputs.map(lambda t: t.to(pl_module.device)), source)
+        return inputs
 
     def _build_cam(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CamProbe:
         """The CAM probe set, fixed for the run and validated by one dry snapshot."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import UserDict, namedtuple
+
 import pytest
 import torch
 from torch import nn
@@ -80,3 +82,49 @@ def test_same_form_tells_which_batches_can_be_joined():
     assert not same_form(a, ModelInputs((torch.zeros(4, 9),), {"mask": torch.ones(4, 9)}))  # padded to another length
     assert not same_form(a, ModelInputs((torch.zeros(4, 7),), {"other": torch.ones(4, 7)}))
     assert not same_form(a, ModelInputs((torch.zeros(4, 7, dtype=torch.float64),), {"mask": torch.ones(4, 7)}))
+
+
+def test_mapping_batches_such_as_batch_encoding_and_feature_dicts_beside_targets():
+    """Hugging Face's padding collators return a `BatchEncoding`, a UserDict; a `(features, labels)` batch with a dict
+    `example_input_array` forwards the features as keywords, as Lightning's convention does."""
+    ids, mask, y = torch.ones(4, 6, dtype=torch.long), torch.ones(4, 6), torch.zeros(4, dtype=torch.long)
+    template = {"input_ids": None, "attention_mask": None}
+    encoded = inputs_of(UserDict({"input_ids": ids, "attention_mask": mask, "labels": y}), template)
+    assert list(encoded.kwargs) == ["input_ids", "attention_mask"] and encoded.kwargs["input_ids"] is ids
+    pair = inputs_of(({"input_ids": ids, "attention_mask": mask}, y), template)
+    assert pair.args == () and pair.kwargs["attention_mask"] is mask
+    assert ModelInputs.of(UserDict({"input_ids": ids})).kwargs["input_ids"] is ids
+    with pytest.raises(ValueError, match=r"but `example_input_array` is a Tensor, not a dict of the forward's keyword inputs"):
+        inputs_of({"input_ids": ids, "labels": y}, torch.zeros(1, 6))
+    with pytest.raises(ValueError, match=r"keys must be strings, got \[0\]"):
+        ModelInputs.of({0: ids})
+
+
+def test_same_form_sees_key_order_so_concat_never_pairs_one_keys_rows_with_anothers():
+    a = ModelInputs((), {"img": torch.zeros(2, 3), "txt": torch.ones(2, 3)})
+    swapped = ModelInputs((), {"txt": torch.ones(2, 3), "img": torch.zeros(2, 3)})
+    assert not same_form(a, swapped)
+    assert same_form(a, ModelInputs((), {"img": torch.zeros(5, 3), "txt": torch.ones(5, 3)}))
+
+
+def test_an_empty_probe_is_refused():
+    with pytest.raises(ValueError, match=r"found shape \(0, 3\) float32"):
+        ModelInputs((torch.zeros(0, 3),))
+
+
+Features = namedtuple("Features", ["ids", "mask"])
+
+
+def test_inputs_a_weights_only_checkpoint_could_not_load_are_not_saved(tmp_path):
+    """Lightning loads checkpoints with `weights_only=True`: a named tuple in the saved probe would make the whole
+    checkpoint unloadable, so it is not saved (a resumed fit draws its probe again)."""
+    plain = ModelInputs(([torch.ones(2, 3), {"mask": torch.zeros(2, 3)}], 0.5, None, "mean"), {"flag": True})
+    path = tmp_path / "state.pt"
+    torch.save({"probe_inputs": plain.state()}, path)
+    loaded = torch.load(path, weights_only=True)["probe_inputs"]
+    assert ModelInputs.from_state(loaded).args[1:] == (0.5, None, "mean")
+    named = ModelInputs((Features(torch.ones(2, 3), torch.ones(2, 3)),))
+    assert named.state() is None
+    torch.save({"probe_inputs": ModelInputs((Features(torch.ones(2, 3), torch.ones(2, 3)),)).args}, path)
+    with pytest.raises(Exception, match="Weights only load failed"):
+        torch.load(path, weights_only=True)  # what saving it would have done to the checkpoint

@@ -6,7 +6,7 @@ Host-side bookkeeping only (Python floats the optimizer and the allocator alread
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ def batch_size(batch: object) -> int:
     """Samples in a batch: the leading size of its first tensor (0 if it holds none)."""
     if isinstance(batch, Tensor):
         return batch.shape[0] if batch.dim() else 1
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # a dict, or Hugging Face's BatchEncoding
         batch = list(batch.values())
     if isinstance(batch, (list, tuple)):
         for item in batch:

@@ -8,7 +8,7 @@ along its first one, and a 0-d tensor or any other value goes whole to every par
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 FORMS = "a tensor (the forward's one input), a tuple or list (its positional inputs) or a dict (its keyword inputs)"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq: tensors have no truth value to compare by
 class ModelInputs:
     """`model(*args, **kwargs)` for a batch of `samples` inputs; raises ValueError when it holds no batch of samples."""
 
@@ -28,7 +28,7 @@ class ModelInputs:
 
     def __post_init__(self) -> None:
         sizes = {t.shape[0] for t in self.tensors() if t.dim()}
-        if len(sizes) != 1:
+        if len(sizes) != 1 or 0 in sizes:
             found = ", ".join(_describe(t) for t in self.tensors()) or "no tensor"
             raise ValueError(f"must hold one batch: tensors whose first dimension is the samples, as many in each; found {found}.")
 
@@ -39,7 +39,9 @@ class ModelInputs:
             return cls((value,))
         if isinstance(value, (tuple, list)):
             return cls(tuple(value))
-        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        if isinstance(value, Mapping):
+            if not all(isinstance(k, str) for k in value):
+                raise ValueError(f"is a {type(value).__name__} of keyword inputs, so its keys must be strings, got {list(value)}.")
             return cls((), dict(value))
         raise ValueError(f"must be {FORMS}, got {type(value).__name__}.")
 
@@ -75,10 +77,12 @@ class ModelInputs:
         named = [(f"[{i}]", a) for i, a in enumerate(self.args)] + list(self.kwargs.items())
         return ", ".join(f"{name} {_describe(v) if isinstance(v, Tensor) else type(v).__name__}" for name, v in named)
 
-    def state(self) -> dict[str, Any]:
-        """Plain containers of host tensors: what a checkpoint loads with `weights_only=True`."""
+    def state(self) -> dict[str, Any] | None:
+        """Host tensors in plain tuples, lists and dicts: what a checkpoint loads with `weights_only=True`, as Lightning
+        loads it. None for inputs that hold anything else (a named tuple, a dataclass, an array): the checkpoint
+        would not load at all, so a fit resumed from it draws its probe again."""
         moved = self.map(lambda t: t.detach().cpu())
-        return {"args": moved.args, "kwargs": moved.kwargs}
+        return {"args": moved.args, "kwargs": moved.kwargs} if _plain((moved.args, moved.kwargs)) else None
 
     @classmethod
     def from_state(cls, state: object) -> ModelInputs | None:
@@ -98,20 +102,31 @@ def concat(chunks: list[ModelInputs]) -> ModelInputs:
 
 
 def same_form(a: ModelInputs, b: ModelInputs) -> bool:
-    """The same structure and per-sample shapes (the sample counts may differ): they can be concatenated."""
-    ta, tb = a.tensors(), b.tensors()
-    return (
-        len(a.args) == len(b.args)
-        and a.kwargs.keys() == b.kwargs.keys()
-        and len(ta) == len(tb)
-        and all(x.shape[1:] == y.shape[1:] and x.dim() == y.dim() and x.dtype == y.dtype for x, y in zip(ta, tb, strict=True))
-    )
+    """The same structure, keys in the same order, the same other values, and tensors of the same per-sample shapes
+    and dtypes (the sample counts may differ): `concat` can join them, tensor by tensor in walking order."""
+    return _form(a) == _form(b)
+
+
+def _form(inputs: ModelInputs) -> str:
+    """The inputs with each tensor replaced by its per-sample shape and dtype, written out: a dict's repr keeps its
+    keys' order, which `concat`'s pairing of tensors depends on."""
+    return repr(apply_to_collection((inputs.args, inputs.kwargs), Tensor, lambda t: (t.dim(), tuple(t.shape[1:]), t.dtype)))
+
+
+def _plain(value: object) -> bool:
+    """Built of what `torch.load(weights_only=True)` accepts: tensors, plain tuples, lists and dicts, numbers, text."""
+    if type(value) in (tuple, list):
+        return all(_plain(v) for v in value)  # type: ignore[attr-defined]
+    if type(value) is dict:
+        return all(_plain(k) and _plain(v) for k, v in value.items())  # type: ignore[attr-defined]
+    return isinstance(value, Tensor) or value is None or type(value) in (bool, int, float, str)
 
 
 def inputs_of(batch: object, template: object = None) -> ModelInputs:
     """The model's inputs in a batch of the data. `template`, the LightningModule's `example_input_array`, tells
-    which when it is set: a dict names the batch's input keys, a tuple of k counts its first k items. Otherwise the
-    first item of a tuple batch, or a tensor batch itself, is the forward's one input."""
+    which when it is set: a dict names the input keys of dict batches (or of the first item of tuple batches), a tuple
+    of k counts the first k items of tuple batches. Otherwise the first item of a tuple batch, or a tensor batch
+    itself, is the forward's one input. Dict batches are any mapping (Hugging Face's `BatchEncoding` too)."""
     try:
         return _inputs_of(batch, template)
     except ValueError as error:
@@ -121,8 +136,15 @@ def inputs_of(batch: object, template: object = None) -> ModelInputs:
 def _inputs_of(batch: object, template: object) -> ModelInputs:
     if isinstance(batch, Tensor):
         return ModelInputs((batch,))
-    if isinstance(batch, dict):
-        if not isinstance(template, dict):
+    if isinstance(template, Mapping) and isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Mapping):
+        batch = batch[0]  # (features, targets): the features are the keyword inputs
+    if isinstance(batch, Mapping):
+        if template is not None and not isinstance(template, Mapping):
+            raise ValueError(
+                f"are unknown: the batches are dicts (keys {', '.join(map(repr, batch))}), but `example_input_array` is a "
+                f"{type(template).__name__}, not a dict of the forward's keyword inputs naming which batch keys to forward"
+            )
+        if template is None:
             raise ValueError(
                 f"are unknown: the batches are dicts (keys {', '.join(map(repr, batch))}) and TrainWatch cannot tell inputs "
                 "from targets. Set the LightningModule's `example_input_array` to a dict of the forward's "
@@ -133,7 +155,7 @@ def _inputs_of(batch: object, template: object) -> ModelInputs:
             raise ValueError(
                 f"lack {', '.join(map(repr, missing))}, which `example_input_array` names (the batches hold {', '.join(map(repr, batch))})"
             )
-        return ModelInputs((), {k: batch[k] for k in template})
+        return ModelInputs((), {str(k): batch[k] for k in template})
     if isinstance(batch, (tuple, list)) and batch:
         count = len(template) if isinstance(template, (tuple, list)) else 1
         return ModelInputs(tuple(batch[:count]))
