@@ -160,3 +160,15 @@ def test_parametrized_weights_belong_to_their_module():
         "2.bias", "2.parametrizations.weight.original",
     }  # fmt: skip
     assert len(binding.params) == len(list(model.parameters()))
+
+
+def test_a_trained_predicate_leaves_out_what_it_rejects_from_plan_and_binding():
+    """The callback narrows `trained` to what the optimizers hold: a module all of whose parameters it rejects has no
+    group, and a module with some rejected keeps only the others."""
+    model = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 1))
+    held = {id(model[0].weight), id(model[0].bias), id(model[2].weight)}
+    trained = lambda p: p.requires_grad and id(p) in held
+    assert param_modules(model, trained) == ["0", "2"]
+    plan = plan_groups(param_modules(model, trained), [], 300, 20, order=[n for n, _ in model.named_modules()])
+    binding = bind(plan, model, trained)
+    assert binding.param_names == ("0.weight", "0.bias", "2.weight")

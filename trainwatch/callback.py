@@ -13,7 +13,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -30,7 +30,7 @@ from typing_extensions import override
 from trainwatch._version import __version__
 from trainwatch.capture import Capture
 from trainwatch.diagnose import Diagnosis, Thresholds, model_facts
-from trainwatch.groups import GroupPlan, activation_modules, bind, param_modules, plan_groups, resolve_names
+from trainwatch.groups import GroupPlan, Trained, activation_modules, bind, param_modules, plan_groups, resolve_names
 from trainwatch.landscape import export
 from trainwatch.landscape.compute import LandscapeSpec, batches_of, compute_landscape
 from trainwatch.landscape.job import artifacts as landscape_artifacts
@@ -91,6 +91,12 @@ def _builds_late(module: pl.LightningModule) -> bool:
     """Whether the module has hooks Lightning calls after the callbacks' `setup`, in which it may build, wrap or
     compile its layers: its own `setup`, `configure_model` (and its older name, `configure_sharded_model`)."""
     return any(is_overridden(hook, module, pl.LightningModule) for hook in ("setup", "configure_model", "configure_sharded_model"))
+
+
+def _modules_of(parameter_names: Iterable[str], shown: int = 6) -> str:
+    """The modules of some parameters, for a log line: the first `shown` names, and how many more."""
+    modules = list(dict.fromkeys(n.rpartition(".")[0] or n for n in parameter_names))
+    return ", ".join(modules[:shown]) + (f" and {len(modules) - shown} more modules" if len(modules) > shown else "")
 
 
 def _positive(name: str, value: int | None) -> None:
@@ -248,6 +254,8 @@ class TrainWatch(pl.Callback):
 
     def _reset(self) -> None:
         self.plan: GroupPlan | None = None
+        self._trained: Trained = lambda p: p.requires_grad  # narrowed to what the optimizers hold at on_fit_start
+        self._idle: list[tuple[str, nn.Parameter]] = []  # require grad, held by no optimizer: checked at the first step
         self.run_id: str | None = None
         self.sink: MlflowSink | None = None
         self._capture: Capture | None = None
@@ -317,6 +325,37 @@ class TrainWatch(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if _builds_late(pl_module):  # its layers exist, under their final names, only now
             self._check_model(pl_module)
+        self._watch_what_the_optimizers_train(trainer, pl_module)
+
+    def _watch_what_the_optimizers_train(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Parameters that require grad but that no optimizer holds (an EMA copy, a distillation teacher, a target
+        network) are not trained by this fit: they are not watched, where their absent gradients would read as a
+        fault. Not applied when the optimizers hold none of the module's parameters (DeepSpeed's flattened copies)."""
+        held = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
+        wanted = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        idle = [(n, p) for n, p in wanted if id(p) not in held]
+        if not idle or len(idle) == len(wanted):
+            return
+        self._trained, self._idle = (lambda p: p.requires_grad and id(p) in held), idle
+        try:
+            self._setup_model(pl_module)
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from error
+        log.info(
+            "trainwatch: not watching %s: parameters that require grad but that no optimizer holds (not trained by this fit).",
+            _modules_of(n for n, _ in idle),
+        )
+
+    def _check_idle_gradients(self) -> None:
+        """At the first optimizer step: parameters no optimizer holds that get gradients all the same are a model
+        whose optimizer was given too few parameters (an EMA copy or a teacher gets none). Warned once; no sync."""
+        fed, self._idle = [n for n, p in self._idle if p.grad is not None], []
+        if fed:
+            log.warning(
+                "trainwatch: %s get gradients, but no optimizer holds their parameters, so they are never trained: pass "
+                "them to the optimizer in `configure_optimizers` (or set `requires_grad=False` if they are meant to stay fixed).",
+                _modules_of(fed),
+            )
 
     def _check_model(self, pl_module: pl.LightningModule) -> None:
         """The model-dependent checks and the group plan, before the first step: in `setup`, or in `on_fit_start` for a
@@ -342,13 +381,16 @@ class TrainWatch(pl.Callback):
                 f"{'has' if len(lazy) == 1 else 'have'} uninitialised (lazy) parameters: initialise them before `fit`, e.g. "
                 "by calling the model once on an example batch after building it."
             )
-        params, acts = param_modules(model), activation_modules(model) if self.activations != "off" else []
+        params, acts = param_modules(model, self._trained), activation_modules(model) if self.activations != "off" else []
         if self.modules is not None:
             wanted = resolve_names(model, self.modules, "modules")
             keep = lambda n: any(n == w or n.startswith(w + ".") for w in wanted)
             params, acts = [n for n in params if keep(n)], [n for n in acts if keep(n)]
         if not params and not acts:
-            raise ValueError("`TrainWatch` found nothing to watch: the model has no trainable parameters in the selected `modules`.")
+            raise ValueError(
+                "`TrainWatch` found nothing to watch: the model has no trained parameters (requiring grad, and held by an "
+                "optimizer) in the selected `modules`."
+            )
         self.plan = plan_groups(params, acts, self.max_metric_keys, self._reserved_keys(), order=[n for n, _ in model.named_modules()])
 
     def _reserved_keys(self) -> int:
@@ -408,7 +450,7 @@ class TrainWatch(pl.Callback):
         if self._resumed and len(spool):
             waiting = self._deliver_earlier_spool(spool)
         spool.write_meta(uri, self.run_id, report=self.report)
-        b = bind(self.plan, trainer.lightning_module)
+        b = bind(self.plan, trainer.lightning_module, self._trained)
         module = trainer.lightning_module
         facts = model_facts(module, b.param_keys, b.act_names)
         diagnosis = Diagnosis(facts, self.diagnosis_thresholds) if self.diagnose else None
@@ -545,7 +587,7 @@ class TrainWatch(pl.Callback):
             raise MisconfigurationException(str(error)) from error
         if trainer.is_global_zero:
             self._start_run(trainer)
-        binding = bind(self.plan, pl_module)
+        binding = bind(self.plan, pl_module, self._trained)
         self._capture = Capture(
             binding,
             pl_module.device,
@@ -772,6 +814,8 @@ class TrainWatch(pl.Callback):
         """Gradients of a logged step. The cadence is tested on the batch's first global_step, so a batch that
         steps several optimizers (each one a global_step) logs all of them or none."""
         step, at = trainer.global_step, self._batch_at
+        if self._idle:
+            self._check_idle_gradients()
         if self._due_step is not None and step > self._due_step:
             self._complete(trainer, pl_module, batch_end=False)  # several optimizers per batch: the previous step is done
         acting = self.on_nonfinite != "warn"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -67,8 +67,15 @@ def key_segment(module_name: str) -> str:
     return segment.replace(".", "_2e") if set(segment) == {"."} else segment  # `..` would resolve as a path
 
 
-def param_modules(model: nn.Module) -> list[str]:
-    """Names of modules that own trainable parameters directly, in `named_modules()` order. A parameter shared by
+Trained = Callable[[nn.Parameter], bool]  # which parameters the fit trains; by default those that require grad
+
+
+def _requires_grad(p: nn.Parameter) -> bool:
+    return p.requires_grad
+
+
+def param_modules(model: nn.Module, trained: Trained = _requires_grad) -> list[str]:
+    """Names of modules that own trained parameters directly, in `named_modules()` order. A parameter shared by
     several modules (tied weights) belongs to the first of them, as in `named_parameters()`: counted once. The
     parameters of a parametrized tensor (`torch.nn.utils.parametrize`: weight norm, spectral norm) belong to the
     module the tensor is a weight of, not to its `parametrizations` container."""
@@ -76,7 +83,7 @@ def param_modules(model: nn.Module) -> list[str]:
     names: list[str] = []
     modules = dict(model.named_modules())
     for name, m in modules.items():
-        own = [p for p in m.parameters(recurse=False) if p.requires_grad and id(p) not in seen]
+        own = [p for p in m.parameters(recurse=False) if trained(p) and id(p) not in seen]
         seen.update(id(p) for p in m.parameters(recurse=False))
         owner = _parametrized_owner(name, modules)
         key = name if owner is None else owner
@@ -245,7 +252,7 @@ class Binding:
     act_keys: tuple[str, ...]
 
 
-def bind(plan: GroupPlan, model: nn.Module) -> Binding:
+def bind(plan: GroupPlan, model: nn.Module, trained: Trained = _requires_grad) -> Binding:
     modules = dict(model.named_modules())
     param_groups = [g for g in plan.groups if g.param_modules]
     act_groups = [g for g in plan.groups if g.act_modules]
@@ -254,7 +261,7 @@ def bind(plan: GroupPlan, model: nn.Module) -> Binding:
     for gi, group in enumerate(param_groups):
         for module_name in group.param_modules:
             for pname, p in owned_parameters(module_name, modules[module_name]):
-                if p.requires_grad and id(p) not in bound:
+                if trained(p) and id(p) not in bound:
                     bound.add(id(p))
                     p_names.append(pname)
                     params.append(p)

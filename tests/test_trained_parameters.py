@@ -1,0 +1,128 @@
+"""TrainWatch watches what the fit's optimizers train: parameters that require grad but that no optimizer holds (an
+EMA copy, a teacher, a target network) are left out, and warned about when they get gradients all the same."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from mlflow.tracking import MlflowClient
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from tests.models import Classifier, blobs, loaders, mlp, trainer
+from trainwatch import TrainWatch
+
+
+class WithEma(Classifier):
+    """An exponential moving average of the net, as diffusion and self-supervised models keep one: a deep copy whose
+    parameters require grad (copied flags) but are never in the loss nor in the optimizer."""
+
+    def __init__(self) -> None:
+        super().__init__(mlp())
+        self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(0.99))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.net.parameters(), lr=1e-2)
+
+    def on_train_batch_end(self, *args) -> None:
+        self.ema.update_parameters(self.net)
+
+
+class ForgottenHead(Classifier):
+    """The optimizer is given every layer but the last: the head gets gradients and is never trained."""
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.net[:5].parameters(), lr=1e-2)
+
+
+def _run(store: str):
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("trainwatch").experiment_id])
+    return client, run
+
+
+def test_an_ema_copy_is_not_watched_nor_diagnosed_as_getting_no_gradient(store, caplog):
+    pl.seed_everything(0)
+    train, val = loaders(blobs(n=128))
+    watch = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False)
+    with caplog.at_level(logging.INFO, logger="trainwatch"):
+        trainer(max_steps=6, callbacks=[watch]).fit(WithEma(), train, val)
+    client, run = _run(store)
+    assert sorted(k for k in run.data.metrics if k.startswith("grad_norm/")) == ["grad_norm/net.0", "grad_norm/net.3", "grad_norm/net.5"]
+    diagnosis = json.load(open(client.download_artifacts(run.info.run_id, "trainwatch/diagnosis.json")))
+    assert [f["kind"] for f in diagnosis["findings"]] == []
+    assert "not watching ema.module.0, ema.module.3, ema.module.5: parameters that require grad but that no optimizer holds" in caplog.text
+    assert "get gradients, but no optimizer holds" not in caplog.text
+
+
+def test_layers_left_out_of_the_optimizer_that_get_gradients_are_warned_about(store, caplog):
+    pl.seed_everything(0)
+    train, val = loaders(blobs(n=128))
+    watch = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False)
+    trainer(max_steps=4, callbacks=[watch]).fit(ForgottenHead(mlp()), train, val)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "no optimizer holds" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("trainwatch: net.5 get gradients, but no optimizer holds their parameters")
+    _, run = _run(store)
+    assert "grad_norm/net.5" not in run.data.metrics and "grad_norm/net.3" in run.data.metrics
+
+
+def test_update_ratios_of_the_trained_layers_stay_exact_beside_an_ema(store):
+    """The EMA's update (after each step, outside the optimizer) changes its weights, not the watched layers'."""
+
+    class Before(pl.Callback):
+        def __init__(self) -> None:
+            self.weights: dict[int, torch.Tensor] = {}
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.weights[trainer.global_step] = pl_module.net[0].weight.detach().clone()
+
+        def on_train_batch_end(self, trainer, pl_module, *args):
+            step = trainer.global_step - 1
+            w = self.weights[step]
+            self.weights[step] = torch.linalg.vector_norm(pl_module.net[0].weight.detach() - w) / torch.linalg.vector_norm(w)
+
+    pl.seed_everything(0)
+    train, val = loaders(blobs(n=128))
+    seen = Before()
+    model = WithEma()
+    model.net[0].bias.requires_grad_(False)  # only the weight: the ratio is of one tensor
+    trainer(max_steps=4, callbacks=[TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False), seen]).fit(model, train, val)
+    client, run = _run(store)
+    ratios = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "update_ratio/net.0")}
+    assert sorted(ratios) == [0, 2]
+    for step, value in ratios.items():
+        assert value == pytest.approx(seen.weights[step].item(), rel=1e-5)
+
+
+class NoOptimizer(Classifier):
+    """Manual optimisation with no optimizer from `configure_optimizers` (Lightning runs a mock one): every
+    parameter that requires grad stays watched."""
+
+    def __init__(self) -> None:
+        super().__init__(mlp())
+        self.automatic_optimization = False
+        self.opt = None
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.manual_backward(loss)
+        with torch.no_grad():
+            for p in self.parameters():
+                p -= 0.01 * p.grad
+                p.grad = None
+
+    def configure_optimizers(self):
+        return None
+
+
+def test_without_optimizers_every_parameter_that_requires_grad_is_watched(store):
+    pl.seed_everything(0)
+    train, val = loaders(blobs(n=64))
+    watch = TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False, activations="off")
+    trainer(max_steps=2, max_epochs=1, callbacks=[watch]).fit(NoOptimizer(), train, val)
+    assert watch.plan is not None and sorted(g.key for g in watch.plan.groups if g.param_modules) == ["net.0", "net.3", "net.5"]
