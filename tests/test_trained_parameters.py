@@ -126,3 +126,38 @@ def test_without_optimizers_every_parameter_that_requires_grad_is_watched(store)
     watch = TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False, activations="off")
     trainer(max_steps=2, max_epochs=1, callbacks=[watch]).fit(NoOptimizer(), train, val)
     assert watch.plan is not None and sorted(g.key for g in watch.plan.groups if g.param_modules) == ["net.0", "net.3", "net.5"]
+
+
+class Backbone(Classifier):
+    """A backbone for Lightning's `BackboneFinetuning`, which freezes it in its `setup` and unfreezes it later."""
+
+    def __init__(self) -> None:
+        super().__init__(mlp())
+        self.backbone, self.head = self.net[:3], self.net[3:]
+
+    def forward(self, x):
+        return self.head(self.backbone(x))
+
+    def configure_optimizers(self):
+        return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_a_backbone_frozen_by_a_finetuning_callback_is_left_out_in_either_callback_order(store, caplog, first):
+    """Whether TrainWatch's `setup` runs before the callback freezes the backbone or after, the groups are those trained
+    at the start (the backbone's first layer, frozen, has none and is no `no_gradient` warning); when the callback
+    unfreezes it, a warning says the groups stay those of the start."""
+    from pytorch_lightning.callbacks import BackboneFinetuning
+
+    pl.seed_everything(0)
+    train, val = loaders(blobs(n=64))
+    watch, finetuning = (
+        TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False),
+        BackboneFinetuning(unfreeze_backbone_at_epoch=1),
+    )
+    trainer(max_epochs=2, max_steps=-1, callbacks=[watch, finetuning] if first else [finetuning, watch]).fit(Backbone(), train, val)
+    _, run = _run(store)
+    assert sorted(k for k in run.data.metrics if k.startswith("grad_norm/")) == ["grad_norm/net.3", "grad_norm/net.5"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("trainwatch")]
+    assert not [w for w in warned if "warning no_gradient" in w]  # the frozen prefix is an info finding
+    assert [w for w in warned if "optimizers now hold 6 parameters, 4 at the start" in w]

@@ -256,6 +256,7 @@ class TrainWatch(pl.Callback):
         self.plan: GroupPlan | None = None
         self._trained: Trained = lambda p: p.requires_grad  # narrowed to what the optimizers hold at on_fit_start
         self._idle: list[tuple[str, nn.Parameter]] = []  # require grad, held by no optimizer: checked at the first step
+        self._held: int | None = None  # parameters the optimizers held at on_fit_start (None: changed since, warned)
         self.run_id: str | None = None
         self.sink: MlflowSink | None = None
         self._capture: Capture | None = None
@@ -328,23 +329,40 @@ class TrainWatch(pl.Callback):
         self._watch_what_the_optimizers_train(trainer, pl_module)
 
     def _watch_what_the_optimizers_train(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Parameters that require grad but that no optimizer holds (an EMA copy, a distillation teacher, a target
-        network) are not trained by this fit: they are not watched, where their absent gradients would read as a
-        fault. Not applied when the optimizers hold none of the module's parameters (DeepSpeed's flattened copies)."""
+        """The parameters trained at the start of the fit, once the optimizers exist: those that require grad now
+        (a fine-tuning callback may have frozen layers since `setup`) and that an optimizer holds. One that requires
+        grad but that no optimizer holds (an EMA copy, a distillation teacher, a target network) is not trained by this
+        fit: not watched, where its absent gradients would read as a fault. The optimizers' holdings are not applied
+        when they hold none of the module's parameters (DeepSpeed's flattened copies)."""
         held = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
         wanted = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         idle = [(n, p) for n, p in wanted if id(p) not in held]
-        if not idle or len(idle) == len(wanted):
-            return
-        self._trained, self._idle = (lambda p: p.requires_grad and id(p) in held), idle
-        try:
-            self._setup_model(pl_module)
-        except ValueError as error:
-            raise MisconfigurationException(str(error)) from error
-        log.info(
-            "trainwatch: not watching %s: parameters that require grad but that no optimizer holds (not trained by this fit).",
-            _modules_of(n for n, _ in idle),
-        )
+        if idle and len(idle) < len(wanted):
+            self._trained, self._idle = (lambda p: p.requires_grad and id(p) in held), idle
+            log.info(
+                "trainwatch: not watching %s: parameters that require grad but that no optimizer holds (not trained by this fit).",
+                _modules_of(n for n, _ in idle),
+            )
+        self._held = len(held)
+        assert self.plan is not None
+        planned = {m for group in self.plan.groups for m in group.param_modules}
+        if set(param_modules(pl_module, self._trained)) != planned:
+            try:
+                self._setup_model(pl_module)
+            except ValueError as error:
+                raise MisconfigurationException(str(error)) from error
+
+    def _check_held(self, trainer: pl.Trainer) -> None:
+        """At a logged step: whether the optimizers hold other parameters than at the start (a fine-tuning schedule
+        unfreezes layers); warned once, since the groups stay those of the start. Counting only, no sync."""
+        held = sum(len(group["params"]) for optimizer in trainer.optimizers for group in optimizer.param_groups)
+        if self._held is not None and held != self._held:
+            log.warning(
+                "trainwatch: the optimizers now hold %d parameters, %d at the start of the fit (a fine-tuning schedule "
+                "unfreezing layers?); TrainWatch watches the layers trained at the start, so the others are not watched.",
+                held, self._held,
+            )  # fmt: skip
+            self._held = None
 
     def _check_idle_gradients(self) -> None:
         """At the first optimizer step: parameters no optimizer holds that get gradients all the same are a model
@@ -825,6 +843,7 @@ class TrainWatch(pl.Callback):
             self._due_step, self._due_at = step, at
             if trainer.is_global_zero:
                 assert self._capture is not None
+                self._check_held(trainer)
                 self._packer = Packer(step)
                 if self._due(trainer, at):
                     capture, packer = self._capture, self._packer
