@@ -3,7 +3,17 @@ import torch
 from torch import nn
 
 from trainwatch.capture import Capture
-from trainwatch.groups import ACT_FAMILIES, PARAM_FAMILIES, activation_modules, bind, key_segment, param_modules, plan_groups, resolve_names
+from trainwatch.groups import (
+    ACT_FAMILIES,
+    PARAM_FAMILIES,
+    activation_modules,
+    bind,
+    key_segment,
+    param_modules,
+    plan_groups,
+    resolve_names,
+    untrained_subtrees,
+)
 from trainwatch.record import Packer
 
 
@@ -172,3 +182,14 @@ def test_a_trained_predicate_leaves_out_what_it_rejects_from_plan_and_binding():
     plan = plan_groups(param_modules(model, trained), [], 300, 20, order=[n for n, _ in model.named_modules()])
     binding = bind(plan, model, trained)
     assert binding.param_names == ("0.weight", "0.bias", "2.weight")
+
+
+def test_untrained_subtrees_are_the_outermost_copies_the_optimizers_do_not_hold():
+    """An EMA copy (parameters requiring grad, none held) is one subtree; a frozen layer (requires_grad=False) is
+    no untrained copy, and a module with one held parameter is trained."""
+    net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    model = nn.ModuleDict({"net": net, "ema": nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1)), "frozen": nn.Linear(1, 1)})
+    model["frozen"].requires_grad_(False)
+    held = {id(p) for p in net.parameters()} - {id(net[2].bias)}
+    assert untrained_subtrees(model, lambda p: p.requires_grad and id(p) in held) == ["ema"]
+    assert untrained_subtrees(model, lambda p: p.requires_grad) == []

@@ -57,6 +57,8 @@ def test_an_ema_copy_is_not_watched_nor_diagnosed_as_getting_no_gradient(store, 
     assert [f["kind"] for f in diagnosis["findings"]] == []
     assert "not watching ema.module.0, ema.module.3, ema.module.5: parameters that require grad but that no optimizer holds" in caplog.text
     assert "get gradients, but no optimizer holds" not in caplog.text
+    assert watch.plan is not None and not [m for g in watch.plan.groups for m in g.act_modules if m.startswith("ema")]
+    assert not [k for k in run.data.metrics if "ema." in k]  # nor the copy's activation keys, which took budget
 
 
 def test_layers_left_out_of_the_optimizer_that_get_gradients_are_warned_about(store, caplog):

@@ -30,7 +30,16 @@ from typing_extensions import override
 from trainwatch._version import __version__
 from trainwatch.capture import Capture
 from trainwatch.diagnose import Diagnosis, Thresholds, model_facts
-from trainwatch.groups import GroupPlan, Trained, activation_modules, bind, param_modules, plan_groups, resolve_names
+from trainwatch.groups import (
+    GroupPlan,
+    Trained,
+    activation_modules,
+    bind,
+    param_modules,
+    plan_groups,
+    resolve_names,
+    untrained_subtrees,
+)
 from trainwatch.landscape import export
 from trainwatch.landscape.compute import LandscapeSpec, batches_of, compute_landscape
 from trainwatch.landscape.job import artifacts as landscape_artifacts
@@ -400,6 +409,8 @@ class TrainWatch(pl.Callback):
                 "by calling the model once on an example batch after building it."
             )
         params, acts = param_modules(model, self._trained), activation_modules(model) if self.activations != "off" else []
+        untrained = untrained_subtrees(model, self._trained)
+        acts = [a for a in acts if not any(a == u or a.startswith(u + ".") for u in untrained)]
         if self.modules is not None:
             wanted = resolve_names(model, self.modules, "modules")
             keep = lambda n: any(n == w or n.startswith(w + ".") for w in wanted)

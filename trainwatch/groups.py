@@ -92,6 +92,20 @@ def param_modules(model: nn.Module, trained: Trained = _requires_grad) -> list[s
     return names
 
 
+def untrained_subtrees(model: nn.Module, trained: Trained) -> list[str]:
+    """The outermost modules all of whose parameters that require grad (one at least) `trained` rejects: copies the
+    fit does not train, such as an EMA of the model. Their activations are not watched either: the probe never runs
+    them, and their keys would take the budget, and so the detail, from the model that trains."""
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(f + ".") for f in found):
+            continue
+        wanted = [p for p in module.parameters() if p.requires_grad]
+        if wanted and not any(trained(p) for p in wanted):
+            found.append(name)
+    return found
+
+
 def _parametrized_owner(name: str, modules: dict[str, nn.Module]) -> str | None:
     """The parametrized module `name` lies inside the `parametrizations` container of, if any."""
     parts = name.split(".")
