@@ -60,7 +60,7 @@ class ProbeOutputs(pl.Callback):
         ]
         pl_module.eval()
         with torch.no_grad():
-            pl_module(*self.args, **self.kwargs)
+            pl_module(*[a.clone() for a in self.args], **{k: v.clone() for k, v in self.kwargs.items()})
         pl_module.train()
         for h in handles:
             h.remove()
@@ -185,3 +185,24 @@ def test_a_resumed_fit_forwards_the_first_fits_keyword_probe(store, tmp_path):
     pl.seed_everything(5)
     trainer(max_steps=4, callbacks=[again]).fit(model, other, ckpt_path=ckpt)
     torch.testing.assert_close(again._probe_inputs.kwargs["scale"], data.scale[:64])
+
+
+class InPlaceInput(Classifier):
+    """A forward that changes its input in place, as `x.sub_(mean)` normalisation does."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.mul_(0.5).add_(1.0))
+
+
+def test_a_forward_that_changes_its_input_in_place_leaves_the_probe_as_it_was(store):
+    """Every snapshot forwards the same probe, so its numbers stay comparable: the forward gets a copy (on the CPU
+    moving to the device is no copy), and the user's `probe_batch` tensor is left alone too."""
+    pl.seed_everything(0)
+    data = blobs(n=128)
+    probe = data.tensors[0][:40].clone()
+    original = probe.clone()
+    seen = ProbeOutputs(2, (original,), {})
+    watch = TrainWatch(every_n_steps=2, activations_every_n_steps=2, tracking_uri=store, system_metrics=False, probe_batch=probe)
+    trainer(max_steps=5, callbacks=[watch, seen]).fit(InPlaceInput(mlp()), DataLoader(data, batch_size=16))
+    assert torch.equal(probe, original) and torch.equal(watch._probe_inputs.args[0], original)
+    _assert_acts_match(store, seen, [0, 2, 4])

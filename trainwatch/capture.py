@@ -152,7 +152,7 @@ class Capture:
             for chunk in inputs.parts(-(-inputs.samples // part)) if part else [inputs]:
                 self.activations.arm(chunk.samples)
                 try:
-                    chunk.map(lambda t: t.to(self.device, non_blocking=True)).forward(model)  # pinned beside a GPU: no host sync
+                    chunk.forward(model, self.device)  # a copy, from pinned memory beside a GPU: no host sync
                 finally:
                     self.activations.disarm()
         self.pack_activations(reduce(self.activations.collect(self.device)), packer)

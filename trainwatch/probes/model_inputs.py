@@ -67,8 +67,12 @@ class ModelInputs:
         """`count` balanced parts (sizes differ by at most one), in order."""
         return [self.map(lambda t, i=i: t.tensor_split(count)[i], by_sample=True) for i in range(count)]
 
-    def forward(self, model: nn.Module) -> Any:
-        return model(*self.args, **self.kwargs)
+    def forward(self, model: nn.Module, device: torch.device | None = None) -> Any:
+        """`model(*args, **kwargs)` on copies of the tensors (moved to `device` if given; non-blocking from pinned
+        memory): a forward that changes its inputs in place (`x.sub_(mean)`) must leave the probe as it is, since the
+        probe is forwarded again at every snapshot and its numbers must stay comparable."""
+        fresh = self.map(lambda t: t.to(device or t.device, non_blocking=True, copy=True))
+        return model(*fresh.args, **fresh.kwargs)
 
     def describe(self) -> str:
         """Shapes and dtypes, for error messages: `shape (64, 1, 8, 8) float32` or `input_ids shape (4, 16) int64, ...`."""
