@@ -230,3 +230,38 @@ def test_normalised_maps_of_a_small_head_reach_one_and_a_constant_map_is_zero():
     flat = torch.full((1, 4, 4), 3.0)
     flat[0, 0, 0] = 3.0 + 1e-7  # float rounding of a constant, not a map
     assert torch.equal(cam.normalize_maps(flat), torch.zeros(1, 4, 4))
+
+
+class _Outputs(nn.Module):
+    """The GAP net with its scores wrapped as other forwards return them."""
+
+    def __init__(self, net: nn.Module, form: str) -> None:
+        super().__init__()
+        self.net, self.form = net, form
+
+    def forward(self, x):
+        logits = self.net(x)
+        if self.form == "dict":
+            return {"loss": logits.sum(), "logits": logits}
+        if self.form == "output_object":  # an object with a `logits` attribute, as outputs of many libraries are
+            from types import SimpleNamespace
+
+            return SimpleNamespace(logits=logits, hidden_states=None)
+        return logits, logits.detach() * 0  # (logits, aux)
+
+
+@pytest.mark.parametrize("form", ["dict", "output_object", "tuple"])
+@pytest.mark.parametrize("method", ["grad_cam", "saliency"])
+def test_scores_in_a_dict_or_tuple_give_the_maps_of_the_plain_scores(form, method):
+    net = _net()
+    x, targets = torch.randn(2, 3, 10, 12), torch.tensor([1, 3])
+    wrapped = _Outputs(net, form)
+    plain = getattr(cam, method)(net, x, "relu", targets)
+    torch.testing.assert_close(getattr(cam, method)(wrapped, x, "net.relu", targets), plain)
+
+
+def test_outputs_without_class_scores_say_what_cam_needs():
+    with pytest.raises(ValueError, match=r"it returned a dict with keys 'loss', 'hidden'"):
+        cam.class_scores({"loss": torch.zeros(()), "hidden": torch.zeros(2, 4)})
+    with pytest.raises(ValueError, match=r"shape \[batch, classes\]; the model's forward gave shape \(2, 4, 8, 8\)"):
+        cam.class_scores(torch.zeros(2, 4, 8, 8))  # a segmentation map

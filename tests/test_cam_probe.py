@@ -176,3 +176,33 @@ def test_cam_filmstrip_is_drawn_first_then_throttled_then_at_the_flush():
         assert images == expected
         at_flush = [op.step for op in publisher(_FLUSH) if isinstance(op, ImageOp)]
         assert at_flush == ([10] if interval else [])  # the latest snapshot is always drawn by the end
+
+
+class DictOutput(Classifier):
+    """A forward that returns `{"logits": ...}`, as many models do."""
+
+    def forward(self, x):
+        return {"logits": self.net(x)}
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0])["logits"], batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+
+def test_a_model_returning_a_dict_of_logits_gets_its_cam_snapshots(store):
+    """The snapshot's confidence is the softmax of the dict's logits, as for a plain classifier."""
+    pl.seed_everything(0)
+    train, val = loaders(blob_data(), batch_size=32)
+    watch = TrainWatch(every_n_steps=4, tracking_uri=store, system_metrics=False, cam_every_n_steps=4, cam_samples=4)
+    model = DictOutput(blob_net(), lr=0.01)
+    trainer(max_steps=5, callbacks=[watch]).fit(model, train, val)
+    client, rid = _run(store)
+    confidence = {m.step: m.value for m in client.get_metric_history(rid, "cam_confidence/p0")}
+    assert sorted(confidence) == [0, 4]
+    probes = np.load(io.BytesIO(Path(client.download_artifacts(rid, "trainwatch/cam/probes.npz")).read_bytes()))
+    model.eval()
+    with torch.no_grad():
+        expect = model(torch.as_tensor(probes["inputs"][:1]).float())["logits"].softmax(1).max().item()
+    assert confidence[4] == pytest.approx(expect, rel=1e-5)  # the weights after the last step are those of step 4's snapshot

@@ -12,7 +12,7 @@ the evidence, which per-image normalisation hides).
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -89,7 +89,7 @@ def _capture(model: nn.Module, inputs: Tensor, layer: nn.Module, targets: Tensor
     handle = layer.register_forward_hook(hook)
     try:
         with _grad_mode(inputs) as x:
-            score = _target_scores(model(x), targets)
+            score = _target_scores(class_scores(model(x)), targets)
             (grad,) = torch.autograd.grad(score.sum(), store["a"])
             act = store["a"].detach()
     finally:
@@ -101,6 +101,28 @@ def _capture(model: nn.Module, inputs: Tensor, layer: nn.Module, targets: Tensor
             f"CAM layer output has shape {tuple(act.shape)}: no spatial dimensions. Pick a conv layer, or pass `reshape=` for tokens."
         )
     return act, grad
+
+
+def class_scores(output: object) -> Tensor:
+    """The [batch, classes] scores in a forward's output: the tensor itself, the `logits` of a dict or of an output
+    object (Hugging Face's `ModelOutput`), or the first item of a tuple (`(logits, aux)`). ValueError otherwise."""
+    if isinstance(output, Tensor):
+        scores = output
+    elif isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        scores = output["logits"]
+    elif isinstance(getattr(output, "logits", None), Tensor):
+        scores = output.logits  # type: ignore[attr-defined]
+    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        scores = output[0]
+    else:
+        keys = f" with keys {', '.join(map(repr, output))}" if isinstance(output, Mapping) else ""
+        raise ValueError(
+            f"CAM needs class scores from the model's forward: a [batch, classes] tensor, a dict or output object with "
+            f"`logits`, or a tuple that starts with them; it returned a {type(output).__name__}{keys}."
+        )
+    if scores.dim() != 2:
+        raise ValueError(f"CAM needs class scores of shape [batch, classes]; the model's forward gave shape {tuple(scores.shape)}.")
+    return scores
 
 
 def _target_scores(logits: Tensor, targets: Tensor) -> Tensor:
@@ -182,7 +204,7 @@ def layer_cam(
 def _input_gradient(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
     with _grad_mode(inputs) as x:
         x.requires_grad_(True)
-        (grad,) = torch.autograd.grad(_target_scores(model(x), targets).sum(), x)
+        (grad,) = torch.autograd.grad(_target_scores(class_scores(model(x)), targets).sum(), x)
     return grad
 
 
@@ -239,7 +261,7 @@ def occlusion(
         raise ValueError(f"occlusion needs window >= 1 and stride >= 1, got window={window}, stride={stride}.")
     spatial = inputs.shape[2:]
     with torch.no_grad():
-        base = _target_scores(model(inputs), targets)
+        base = _target_scores(class_scores(model(inputs)), targets)
         drop = inputs.new_zeros(inputs.shape[0], *spatial)
         hits = inputs.new_zeros(*spatial)
         # every `stride`, and a last window flush with the far edge, so that no position is left uncovered
@@ -248,7 +270,7 @@ def occlusion(
             region = tuple(slice(c, c + window) for c in corner)
             patched = inputs.clone()
             patched[(slice(None), slice(None), *region)] = baseline
-            drop[(slice(None), *region)] += (base - _target_scores(model(patched), targets)).view(-1, *[1] * len(spatial))
+            drop[(slice(None), *region)] += (base - _target_scores(class_scores(model(patched)), targets)).view(-1, *[1] * len(spatial))
             hits[region] += 1
     maps = F.relu(drop / hits.clamp_min(1))
     return normalize_maps(maps) if normalize else maps
@@ -273,6 +295,7 @@ METHODS: dict[str, Callable[..., Tensor]] = {
 
 __all__ = [
     "METHODS",
+    "class_scores",
     "default_layer_name",
     "grad_cam",
     "grad_cam_pp",

@@ -90,7 +90,7 @@ class CamProbe:
     def snapshot(self, model: nn.Module, packer: Packer | None) -> None:
         """All methods on all probes, eval mode, model left exactly as found."""
         with untouched(model):
-            logits = model(self.inputs)
+            logits = cam.class_scores(model(self.inputs))
             probs = logits.softmax(1)
             confidence, predicted = probs.max(1)
             maps = {m: cam.METHODS[m](model, self.inputs, self.layer_name, self.targets, normalize=False) for m in self.methods}
