@@ -11,19 +11,19 @@ import pytorch_lightning as pl
 import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from tests.models import Classifier, blobs, loaders, mlp, trainer
 from trainwatch import TrainWatch
 
 
 class WithEma(Classifier):
-    """An exponential moving average of the net, as diffusion and self-supervised models keep one: a deep copy whose
+    """An average of the net's weights, as diffusion and self-supervised models keep one (SWA, EMA): a deep copy whose
     parameters require grad (copied flags) but are never in the loss nor in the optimizer."""
 
     def __init__(self) -> None:
         super().__init__(mlp())
-        self.ema = AveragedModel(self.net, multi_avg_fn=get_ema_multi_avg_fn(0.99))
+        self.ema = AveragedModel(self.net)  # a running mean (an EMA's `get_ema_multi_avg_fn` closure would not pickle)
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.net.parameters(), lr=1e-2)
@@ -163,3 +163,47 @@ def test_a_backbone_frozen_by_a_finetuning_callback_is_left_out_in_either_callba
     warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("trainwatch")]
     assert not [w for w in warned if "warning no_gradient" in w]  # the frozen prefix is an info finding
     assert [w for w in warned if "optimizers now hold 6 parameters, 4 at the start" in w]
+
+
+@pytest.mark.slow
+def test_a_watch_narrowed_to_the_optimizers_still_pickles_for_ddp_spawn(store):
+    """`ddp_spawn` pickles the trainer and its callbacks; the narrowing happens in each spawned process."""
+    import pickle
+
+    pickle.dumps(TrainWatch(tracking_uri=store))
+    pl.seed_everything(0)
+    train, val = loaders(blobs(n=64))
+    watch = TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False)
+    trainer(max_steps=4, strategy="ddp_spawn_find_unused_parameters_true", devices=2, callbacks=[watch]).fit(WithEma(), train, val)
+    _, run = _run(store)
+    assert sorted(k for k in run.data.metrics if k.startswith("grad_norm/")) == ["grad_norm/net.0", "grad_norm/net.3", "grad_norm/net.5"]
+
+
+class SharedEncoder(Classifier):
+    """Two optimizers that share the first layer (alternating heads, manual optimization)."""
+
+    def __init__(self) -> None:
+        super().__init__(mlp())
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        for optimizer in self.optimizers():
+            optimizer.zero_grad()
+            self.manual_backward(nn.functional.cross_entropy(self(x), y))
+            optimizer.step()
+
+    def configure_optimizers(self):
+        shared = list(self.net[0].parameters())
+        return torch.optim.SGD(shared + list(self.net[3].parameters()), lr=0.01), torch.optim.SGD(
+            shared + list(self.net[5].parameters()), lr=0.01
+        )
+
+
+def test_a_parameter_two_optimizers_share_is_no_change_of_holdings(store, caplog):
+    pl.seed_everything(0)
+    train, val = loaders(blobs(n=64))
+    trainer(max_steps=6, callbacks=[TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False)]).fit(SharedEncoder(), train, val)
+    assert "optimizers now hold" not in caplog.text
+    _, run = _run(store)
+    assert {"grad_norm/net.0", "grad_norm/net.3", "grad_norm/net.5"} <= set(run.data.metrics)

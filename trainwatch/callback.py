@@ -32,11 +32,13 @@ from trainwatch.capture import Capture
 from trainwatch.diagnose import Diagnosis, Thresholds, model_facts
 from trainwatch.groups import (
     GroupPlan,
+    HeldBy,
     Trained,
     activation_modules,
     bind,
     param_modules,
     plan_groups,
+    requires_grad,
     resolve_names,
     untrained_subtrees,
 )
@@ -100,6 +102,11 @@ def _builds_late(module: pl.LightningModule) -> bool:
     """Whether the module has hooks Lightning calls after the callbacks' `setup`, in which it may build, wrap or
     compile its layers: its own `setup`, `configure_model` (and its older name, `configure_sharded_model`)."""
     return any(is_overridden(hook, module, pl.LightningModule) for hook in ("setup", "configure_model", "configure_sharded_model"))
+
+
+def _held_by(trainer: pl.Trainer) -> frozenset[int]:
+    """Ids of the parameters the trainer's optimizers hold (one held twice, or by two optimizers, counts once)."""
+    return frozenset(id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"])
 
 
 def _modules_of(parameter_names: Iterable[str], shown: int = 6) -> str:
@@ -258,14 +265,14 @@ class TrainWatch(pl.Callback):
         _positive("report_every_n_epochs", report_every_n_epochs)
         self.report_every_n_epochs = report_every_n_epochs
         self.landscape_spec = LandscapeSpec(steps=landscape_steps) if landscape_at_end else None  # checks the grid now
-        self._landscape_eval: tuple[Tensor, Tensor] | None = None
         self._reset()
 
     def _reset(self) -> None:
         self.plan: GroupPlan | None = None
-        self._trained: Trained = lambda p: p.requires_grad  # narrowed to what the optimizers hold at on_fit_start
+        self._trained: Trained = requires_grad  # narrowed to what the optimizers hold at on_fit_start
         self._idle: list[tuple[str, nn.Parameter]] = []  # require grad, held by no optimizer: checked at the first step
-        self._held: int | None = None  # parameters the optimizers held at on_fit_start (None: changed since, warned)
+        self._held: frozenset[int] | None = None  # ids of what the optimizers held at on_fit_start (None: changed, warned)
+        self._landscape_eval: tuple[Tensor, Tensor] | None = None
         self.run_id: str | None = None
         self.sink: MlflowSink | None = None
         self._capture: Capture | None = None
@@ -343,41 +350,39 @@ class TrainWatch(pl.Callback):
         grad but that no optimizer holds (an EMA copy, a distillation teacher, a target network) is not trained by this
         fit: not watched, where its absent gradients would read as a fault. The optimizers' holdings are not applied
         when they hold none of the module's parameters (DeepSpeed's flattened copies)."""
-        held = {id(p) for optimizer in trainer.optimizers for group in optimizer.param_groups for p in group["params"]}
+        held = _held_by(trainer)
         wanted = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         idle = [(n, p) for n, p in wanted if id(p) not in held]
         if idle and len(idle) < len(wanted):
-            self._trained, self._idle = (lambda p: p.requires_grad and id(p) in held), idle
-            log.info(
-                "trainwatch: not watching %s: parameters that require grad but that no optimizer holds (not trained by this fit).",
-                _modules_of(n for n, _ in idle),
-            )
-        self._held = len(held)
-        assert self.plan is not None
-        planned = {m for group in self.plan.groups for m in group.param_modules}
-        if set(param_modules(pl_module, self._trained)) != planned:
-            try:
-                self._setup_model(pl_module)
-            except ValueError as error:
-                raise MisconfigurationException(str(error)) from error
+            self._trained, self._idle = HeldBy(held), idle
+            if trainer.is_global_zero:
+                log.info(
+                    "trainwatch: not watching %s: parameters that require grad but that no optimizer holds (not trained by this fit).",
+                    _modules_of(n for n, _ in idle),
+                )
+        self._held = held
+        try:  # a callback may have frozen layers since `setup`
+            self._setup_model(pl_module)
+        except ValueError as error:
+            raise MisconfigurationException(str(error)) from error
 
     def _check_held(self, trainer: pl.Trainer) -> None:
-        """At a logged step: whether the optimizers hold other parameters than at the start (a fine-tuning schedule
-        unfreezes layers); warned once, since the groups stay those of the start. Counting only, no sync."""
-        held = sum(len(group["params"]) for optimizer in trainer.optimizers for group in optimizer.param_groups)
+        """At a logged step on rank zero: whether the optimizers hold other parameters than at the start (a fine-tuning
+        schedule unfreezes layers); warned once, since the groups stay those of the start. No sync."""
+        held = _held_by(trainer)
         if self._held is not None and held != self._held:
             log.warning(
                 "trainwatch: the optimizers now hold %d parameters, %d at the start of the fit (a fine-tuning schedule "
                 "unfreezing layers?); TrainWatch watches the layers trained at the start, so the others are not watched.",
-                held, self._held,
+                len(held), len(self._held),
             )  # fmt: skip
             self._held = None
 
-    def _check_idle_gradients(self) -> None:
+    def _check_idle_gradients(self, trainer: pl.Trainer) -> None:
         """At the first optimizer step: parameters no optimizer holds that get gradients all the same are a model
         whose optimizer was given too few parameters (an EMA copy or a teacher gets none). Warned once; no sync."""
         fed, self._idle = [n for n, p in self._idle if p.grad is not None], []
-        if fed:
+        if fed and trainer.is_global_zero:
             log.warning(
                 "trainwatch: %s get gradients, but no optimizer holds their parameters, so they are never trained: pass "
                 "them to the optimizer in `configure_optimizers` (or set `requires_grad=False` if they are meant to stay fixed).",
@@ -417,8 +422,8 @@ class TrainWatch(pl.Callback):
             params, acts = [n for n in params if keep(n)], [n for n in acts if keep(n)]
         if not params and not acts:
             raise ValueError(
-                "`TrainWatch` found nothing to watch: the model has no trained parameters (requiring grad, and held by an "
-                "optimizer) in the selected `modules`."
+                "`TrainWatch` found nothing to watch in the selected `modules`: no parameter there requires grad (or, once "
+                "the optimizers exist, none that requires grad is held by one)."
             )
         self.plan = plan_groups(params, acts, self.max_metric_keys, self._reserved_keys(), order=[n for n, _ in model.named_modules()])
 
@@ -844,7 +849,7 @@ class TrainWatch(pl.Callback):
         steps several optimizers (each one a global_step) logs all of them or none."""
         step, at = trainer.global_step, self._batch_at
         if self._idle:
-            self._check_idle_gradients()
+            self._check_idle_gradients(trainer)
         if self._due_step is not None and step > self._due_step:
             self._complete(trainer, pl_module, batch_end=False)  # several optimizers per batch: the previous step is done
         acting = self.on_nonfinite != "warn"

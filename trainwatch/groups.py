@@ -70,11 +70,22 @@ def key_segment(module_name: str) -> str:
 Trained = Callable[[nn.Parameter], bool]  # which parameters the fit trains; by default those that require grad
 
 
-def _requires_grad(p: nn.Parameter) -> bool:
+def requires_grad(p: nn.Parameter) -> bool:
     return p.requires_grad
 
 
-def param_modules(model: nn.Module, trained: Trained = _requires_grad) -> list[str]:
+@dataclass(frozen=True)
+class HeldBy:
+    """`Trained`: a parameter that requires grad and is one of `ids` (those the optimizers hold). A class, not a
+    closure, so that the callback pickles (`ddp_spawn` sends it to its processes)."""
+
+    ids: frozenset[int]
+
+    def __call__(self, p: nn.Parameter) -> bool:
+        return p.requires_grad and id(p) in self.ids
+
+
+def param_modules(model: nn.Module, trained: Trained = requires_grad) -> list[str]:
     """Names of modules that own trained parameters directly, in `named_modules()` order. A parameter shared by
     several modules (tied weights) belongs to the first of them, as in `named_parameters()`: counted once. The
     parameters of a parametrized tensor (`torch.nn.utils.parametrize`: weight norm, spectral norm) belong to the
@@ -94,8 +105,8 @@ def param_modules(model: nn.Module, trained: Trained = _requires_grad) -> list[s
 
 def untrained_subtrees(model: nn.Module, trained: Trained) -> list[str]:
     """The outermost modules all of whose parameters that require grad (one at least) `trained` rejects: copies the
-    fit does not train, such as an EMA of the model. Their activations are not watched either: the probe never runs
-    them, and their keys would take the budget, and so the detail, from the model that trains."""
+    fit does not train, such as an EMA of the model. Their activations are not watched either: the probe's forward of
+    the model seldom runs them, and their keys would take the budget, and so the detail, from the model that trains."""
     found: list[str] = []
     for name, module in model.named_modules():
         if not name or any(name.startswith(f + ".") for f in found):
@@ -266,7 +277,7 @@ class Binding:
     act_keys: tuple[str, ...]
 
 
-def bind(plan: GroupPlan, model: nn.Module, trained: Trained = _requires_grad) -> Binding:
+def bind(plan: GroupPlan, model: nn.Module, trained: Trained = requires_grad) -> Binding:
     modules = dict(model.named_modules())
     param_groups = [g for g in plan.groups if g.param_modules]
     act_groups = [g for g in plan.groups if g.act_modules]
