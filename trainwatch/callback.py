@@ -41,6 +41,7 @@ from trainwatch.groups import (
     requires_grad,
     resolve_names,
     untrained_subtrees,
+    within,
 )
 from trainwatch.landscape import export
 from trainwatch.landscape.compute import LandscapeSpec, batches_of, compute_landscape
@@ -334,22 +335,22 @@ class TrainWatch(pl.Callback):
                 "here (not a positive number of steps): pass `TrainWatch(every_n_steps=N)`."
             )
         if not _builds_late(pl_module):
-            self._check_model(pl_module)
+            self._check_model(pl_module, dry_runs=True)
         if trainer.is_global_zero:
             self._connect(trainer)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if _builds_late(pl_module):  # its layers exist, under their final names, only now
-            self._check_model(pl_module)
+        """Plan again, now that the optimizers exist and any callback's `setup` has frozen what it freezes; a module
+        that builds its layers after the callbacks' `setup` gets its dry runs only now."""
         self._watch_what_the_optimizers_train(trainer, pl_module)
+        self._check_model(pl_module, dry_runs=_builds_late(pl_module))
 
     def _watch_what_the_optimizers_train(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The parameters trained at the start of the fit, once the optimizers exist: those that require grad now
-        (a fine-tuning callback may have frozen layers since `setup`) and that an optimizer holds. One that requires
-        grad but that no optimizer holds (an EMA copy, a distillation teacher, a target network) is not trained by this
-        fit: not watched, where its absent gradients would read as a fault. The optimizers' holdings are not applied
-        when they hold none of the module's parameters (DeepSpeed's flattened copies)."""
+        """The parameters trained at the start of the fit: those that require grad now and that an optimizer holds.
+        One that requires grad but that no optimizer holds (an EMA copy, a distillation teacher, a target network) is
+        not trained by this fit: not watched, where its absent gradients would read as a fault. The optimizers'
+        holdings are not applied when they hold none of the module's parameters (DeepSpeed's flattened copies)."""
         held = _held_by(trainer)
         wanted = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         idle = [(n, p) for n, p in wanted if id(p) not in held]
@@ -361,10 +362,6 @@ class TrainWatch(pl.Callback):
                     _modules_of(n for n, _ in idle),
                 )
         self._held = held
-        try:  # a callback may have frozen layers since `setup`
-            self._setup_model(pl_module)
-        except ValueError as error:
-            raise MisconfigurationException(str(error)) from error
 
     def _check_held(self, trainer: pl.Trainer) -> None:
         """At a logged step on rank zero: whether the optimizers hold other parameters than at the start (a fine-tuning
@@ -389,19 +386,20 @@ class TrainWatch(pl.Callback):
                 _modules_of(fed),
             )
 
-    def _check_model(self, pl_module: pl.LightningModule) -> None:
-        """The model-dependent checks and the group plan, before the first step: in `setup`, or in `on_fit_start` for a
-        module that may build (or wrap, or compile) its layers in hooks Lightning calls after the callbacks' `setup`."""
+    def _check_model(self, pl_module: pl.LightningModule, dry_runs: bool = True) -> None:
+        """The model-dependent checks and the group plan, before the first step; with `dry_runs`, a forward of a given
+        `probe_batch` and a CAM snapshot of given `cam_probes` (once per fit: in `setup`, or in `on_fit_start` for a
+        module that may build, wrap or compile its layers in hooks Lightning calls after the callbacks' `setup`)."""
         # where the weights are: in `setup`, Lightning's `pl_module.device` already names the device they will move to
         device = next((p.device for p in pl_module.parameters()), pl_module.device)
-        prepared = lambda t: _like_module(pl_module, t).to(device)
         try:
             self._setup_model(pl_module)
-            if self._given_probe is not None:
-                check_forward(pl_module, self._given_probe.map(prepared), "the `probe_batch` argument")
-            if self._cam_on and isinstance(self.cam_probes, Tensor):
+            if dry_runs and self._given_probe is not None:
+                check_forward(pl_module, _like_module(pl_module, self._given_probe), "the `probe_batch` argument", device)
+            if dry_runs and self._cam_on and isinstance(self.cam_probes, Tensor):
                 assert self.cam_targets is not None
-                CamProbe.build(pl_module, self.cam_methods, self.cam_layer, prepared(self.cam_probes), self.cam_targets)
+                probes = _like_module(pl_module, self.cam_probes).to(device)
+                CamProbe.build(pl_module, self.cam_methods, self.cam_layer, probes, self.cam_targets)
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
 
@@ -415,11 +413,10 @@ class TrainWatch(pl.Callback):
             )
         params, acts = param_modules(model, self._trained), activation_modules(model) if self.activations != "off" else []
         untrained = untrained_subtrees(model, self._trained)
-        acts = [a for a in acts if not any(a == u or a.startswith(u + ".") for u in untrained)]
+        acts = [a for a in acts if not within(a, untrained)]
         if self.modules is not None:
             wanted = resolve_names(model, self.modules, "modules")
-            keep = lambda n: any(n == w or n.startswith(w + ".") for w in wanted)
-            params, acts = [n for n in params if keep(n)], [n for n in acts if keep(n)]
+            params, acts = [n for n in params if within(n, wanted)], [n for n in acts if within(n, wanted)]
         if not params and not acts:
             raise ValueError(
                 "`TrainWatch` found nothing to watch in the selected `modules`: no parameter there requires grad (or, once "
@@ -642,8 +639,8 @@ class TrainWatch(pl.Callback):
         if trainer.is_global_zero:
             self._export_eval_data(trainer)
             if self.sink is not None:
-                sample = self._probe_inputs.head(2).map(lambda t: t.to(pl_module.device)) if self._probe_inputs is not None else None
-                self.sink.submit(ArtifactOp(ARCHITECTURE, export.architecture(pl_module, sample)))
+                sample = self._probe_inputs.head(2) if self._probe_inputs is not None else None
+                self.sink.submit(ArtifactOp(ARCHITECTURE, export.architecture(pl_module, sample, pl_module.device)))
             if self.trajectory_every_n_epochs and trainer.current_epoch == 0:
                 self._snapshot_trajectory(pl_module, 0)
         self._throughput = dynamics.Throughput()
@@ -715,7 +712,7 @@ class TrainWatch(pl.Callback):
             else draw_inputs(sources, self.probe_samples, pl_module.example_input_array)
         )
         inputs = _like_module(pl_module, inputs.map(trainer.precision_plugin.convert_input))  # as batches ("64-true")
-        check_forward(pl_module, inputs.map(lambda t: t.to(pl_module.device)), source)
+        check_forward(pl_module, inputs, source, pl_module.device)
         return inputs
 
     def _build_cam(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> CamProbe:

@@ -89,7 +89,7 @@ def _capture(model: nn.Module, inputs: Tensor, layer: nn.Module, targets: Tensor
     handle = layer.register_forward_hook(hook)
     try:
         with _grad_mode(inputs) as x:
-            score = _target_scores(class_scores(model(x)), targets)
+            score = _target_scores(model(x), targets)
             (grad,) = torch.autograd.grad(score.sum(), store["a"])
             act = store["a"].detach()
     finally:
@@ -125,7 +125,9 @@ def class_scores(output: object) -> Tensor:
     return scores
 
 
-def _target_scores(logits: Tensor, targets: Tensor) -> Tensor:
+def _target_scores(output: object, targets: Tensor) -> Tensor:
+    """Each input's score for its target class, from the forward's output (see `class_scores`)."""
+    logits = class_scores(output)
     targets = torch.as_tensor(targets, device=logits.device).long().reshape(-1)
     if targets.numel() != logits.shape[0]:
         raise ValueError(f"targets: one class index per input, got {targets.numel()} for {logits.shape[0]} inputs.")
@@ -204,7 +206,7 @@ def layer_cam(
 def _input_gradient(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
     with _grad_mode(inputs) as x:
         x.requires_grad_(True)
-        (grad,) = torch.autograd.grad(_target_scores(class_scores(model(x)), targets).sum(), x)
+        (grad,) = torch.autograd.grad(_target_scores(model(x), targets).sum(), x)
     return grad
 
 
@@ -261,7 +263,7 @@ def occlusion(
         raise ValueError(f"occlusion needs window >= 1 and stride >= 1, got window={window}, stride={stride}.")
     spatial = inputs.shape[2:]
     with torch.no_grad():
-        base = _target_scores(class_scores(model(inputs)), targets)
+        base = _target_scores(model(inputs), targets)
         drop = inputs.new_zeros(inputs.shape[0], *spatial)
         hits = inputs.new_zeros(*spatial)
         # every `stride`, and a last window flush with the far edge, so that no position is left uncovered
@@ -270,7 +272,7 @@ def occlusion(
             region = tuple(slice(c, c + window) for c in corner)
             patched = inputs.clone()
             patched[(slice(None), slice(None), *region)] = baseline
-            drop[(slice(None), *region)] += (base - _target_scores(class_scores(model(patched)), targets)).view(-1, *[1] * len(spatial))
+            drop[(slice(None), *region)] += (base - _target_scores(model(patched), targets)).view(-1, *[1] * len(spatial))
             hits[region] += 1
     maps = F.relu(drop / hits.clamp_min(1))
     return normalize_maps(maps) if normalize else maps

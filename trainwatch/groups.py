@@ -103,13 +103,18 @@ def param_modules(model: nn.Module, trained: Trained = requires_grad) -> list[st
     return names
 
 
+def within(name: str, modules: Iterable[str]) -> bool:
+    """Whether module `name` is one of `modules` or lies inside one of them."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
 def untrained_subtrees(model: nn.Module, trained: Trained) -> list[str]:
     """The outermost modules all of whose parameters that require grad (one at least) `trained` rejects: copies the
     fit does not train, such as an EMA of the model. Their activations are not watched either: the probe's forward of
     the model seldom runs them, and their keys would take the budget, and so the detail, from the model that trains."""
     found: list[str] = []
     for name, module in model.named_modules():
-        if not name or any(name.startswith(f + ".") for f in found):
+        if not name or within(name, found):
             continue
         wanted = [p for p in module.parameters() if p.requires_grad]
         if wanted and not any(trained(p) for p in wanted):

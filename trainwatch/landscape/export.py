@@ -90,9 +90,9 @@ def model_json(module: nn.Module) -> bytes:
     return json.dumps(meta, indent=1).encode()
 
 
-def architecture(model: nn.Module, sample: ModelInputs | None) -> bytes:
+def architecture(model: nn.Module, sample: ModelInputs | None, device: torch.device | None = None) -> bytes:
     """The module tree for the dashboard: name, type, depth, parameter counts and, when `sample` (a couple of
-    inputs) is given, each module's output shape from one forward on it, with the model left untouched."""
+    inputs) is given, each module's output shape from one forward of it on `device`, with the model left untouched."""
     from trainwatch.probes._scope import untouched
     from trainwatch.probes.activations import first_tensor
 
@@ -109,7 +109,7 @@ def architecture(model: nn.Module, sample: ModelInputs | None) -> bytes:
             handles.append(module.register_forward_hook(hook))
         try:
             with untouched(model):
-                sample.forward(model)
+                sample.forward(model, device)
         except Exception:  # noqa: BLE001 - the tree without shapes is still worth having
             shapes.clear()
         finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import torch
 from torch import nn
 
 from trainwatch.probes._scope import preserved_rng, untouched
@@ -47,11 +48,11 @@ def draw_inputs(sources: Sequence[tuple[str, Iterable | None]], samples: int, te
     raise ValueError(f"TrainWatch found no validation or training data to draw the activation probe batch from. {_HOW}")
 
 
-def check_forward(model: nn.Module, inputs: ModelInputs, source: str) -> None:
-    """Forward the probe batch once, untouched, so a wrong shape fails now and not at step 50."""
+def check_forward(model: nn.Module, inputs: ModelInputs, source: str, device: torch.device | None = None) -> None:
+    """Forward the probe batch once (a copy, on `device`), untouched, so a wrong shape fails now and not at step 50."""
     try:
         with untouched(model):
-            inputs.forward(model)
+            inputs.forward(model, device)
     except Exception as error:
         raise ValueError(
             f"TrainWatch: the activation probe batch ({source}: {inputs.describe()}) "
