@@ -279,3 +279,15 @@ def test_a_sequence_first_output_has_its_samples_in_the_second_dimension():
         row = dict(zip(A.STAT_COLUMNS, probe.collect(torch.device("cpu"))[0].tolist(), strict=False))
         assert (row["dead"], row["positions"], row["numel"]) == (expect_dead, 5 * 4, 5 * 10 * 4)
     assert 0 < expect_dead < 20
+
+
+def test_a_group_with_no_finite_output_has_nan_mean_and_std_not_zeros():
+    """Weights gone NaN make every output NaN: a mean of 0 would read as a quiet layer. A group that produced no
+    output at all is 0 (it logs nothing: the callback leaves such groups out)."""
+    nan, fine = torch.full((4, 3), torch.nan), torch.tensor([[1.0, 3.0]])
+    summaries = torch.stack([A.activation_summary(nan), A.activation_summary(fine)])
+    pooled = A.pool_summaries(summaries, torch.tensor([0, 1]), 3)
+    assert pooled["act_mean"][0].isnan() and pooled["act_std"][0].isnan()
+    assert (pooled["act_mean"][1].item(), pooled["act_std"][1].item()) == pytest.approx((2.0, 1.0))
+    assert (pooled["act_mean"][2].item(), pooled["act_std"][2].item()) == (0.0, 0.0)
+    assert pooled["act_zero_frac"][0].item() == 0.0

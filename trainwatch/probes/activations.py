@@ -220,11 +220,13 @@ def with_units(summary: Tensor, fired: Sequence[Tensor]) -> Tensor:
 
 def pool_summaries(summaries: Tensor, group_index: Tensor, num_groups: int) -> dict[str, Tensor]:
     """Pool module summary vectors [M, K] into per-group activation metrics (mean, std, zero and saturated
-    fractions over all elements of the group's modules)."""
+    fractions over all elements of the group's modules). Mean and std are over the finite outputs: NaN where
+    there are outputs but none is finite (weights gone NaN), not a 0 that would read as a quiet layer."""
     col = {name: i for i, name in enumerate(STAT_COLUMNS)}
     pooled = torch.zeros(num_groups, summaries.shape[1], dtype=summaries.dtype, device=summaries.device)
     pooled.index_add_(0, group_index, summaries)
-    finite = pooled[:, col["finite"]].clamp_min(1)
+    finite = pooled[:, col["finite"]]
+    finite = torch.where((finite == 0) & (pooled[:, col["numel"]] > 0), torch.nan, finite.clamp_min(1))
     mean = pooled[:, col["sum"]] / finite
     var = (pooled[:, col["sumsq"]] / finite - mean.square()).clamp_min(0)
     return {
