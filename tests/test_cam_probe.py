@@ -127,7 +127,7 @@ def test_balanced_probes_round_robin_over_classes():
     ("kwargs", "match"),
     [
         ({"cam_layer": "net.99"}, r"'net.99' is not in `model.named_modules\(\)`"),
-        ({"cam_layer": "net.9"}, r"no spatial dimensions"),  # the Linear head
+        ({"cam_layer": "net.9"}, r"'net.9' \(Linear\).*no spatial dimensions"),  # the Linear head
         (
             {"cam_probes": torch.zeros(2, 3, 8, 8), "cam_targets": torch.tensor([0, 1])},
             r"shape \(2, 3, 8, 8\).*fail in `Classifier.forward`",

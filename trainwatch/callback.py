@@ -299,6 +299,7 @@ class TrainWatch(pl.Callback):
         self._report_thread: threading.Thread | None = None
         self._cam: CamProbe | None = None
         self._off: set[str] = set()  # measurements that raised, off for the rest of the fit
+        self._dev_run = False  # `fast_dev_run`: checks only, nothing measured or logged
 
     @property
     def _cam_on(self) -> bool:
@@ -329,6 +330,7 @@ class TrainWatch(pl.Callback):
         if stage != "fit":
             return
         self._reset()
+        self._dev_run = bool(trainer.fast_dev_run)
         if self._n(trainer) < 1:  # barebones=True or log_every_n_steps=0: the trainer logs nothing, so has no cadence to lend
             raise MisconfigurationException(
                 f"`TrainWatch` takes its cadence from the trainer's `log_every_n_steps`, which is {trainer.log_every_n_steps} "
@@ -336,7 +338,7 @@ class TrainWatch(pl.Callback):
             )
         if not _builds_late(pl_module):
             self._check_model(pl_module, dry_runs=True)
-        if trainer.is_global_zero:
+        if trainer.is_global_zero and not self._dev_run:
             self._connect(trainer)
 
     @override
@@ -616,6 +618,13 @@ class TrainWatch(pl.Callback):
                 self._cam = self._build_cam(trainer, pl_module)
         except ValueError as error:
             raise MisconfigurationException(str(error)) from error
+        if self._dev_run:  # Lightning's loggers log nothing in a development run, and neither does TrainWatch
+            self._cam = None
+            if trainer.is_global_zero:
+                log.info(
+                    "trainwatch: `fast_dev_run`: the configuration, the model and the probes are checked; nothing is measured or logged."
+                )
+            return
         if trainer.is_global_zero:
             self._start_run(trainer)
         binding = bind(self.plan, pl_module, self._trained)
@@ -743,6 +752,8 @@ class TrainWatch(pl.Callback):
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._dev_run:
+            return
         k = self.report_every_n_epochs
         if k and self.report and self.sink is not None and (trainer.current_epoch + 1) % k == 0:
             self._report_in_background()
@@ -824,6 +835,8 @@ class TrainWatch(pl.Callback):
     # --- training hooks ---------------------------------------------------------------------------------
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._dev_run:
+            return
         samples = dynamics.batch_size(batch)
         self._throughput.add_samples(samples)
         if self._probe_part is None and samples:
@@ -844,6 +857,8 @@ class TrainWatch(pl.Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         """Gradients of a logged step. The cadence is tested on the batch's first global_step, so a batch that
         steps several optimizers (each one a global_step) logs all of them or none."""
+        if self._dev_run:
+            return
         step, at = trainer.global_step, self._batch_at
         if self._idle:
             self._check_idle_gradients(trainer)
@@ -965,6 +980,8 @@ class TrainWatch(pl.Callback):
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._dev_run:
+            return
         if self._publisher is not None:
             self._publisher.final = True
         self._export_model(trainer, pl_module)

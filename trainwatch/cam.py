@@ -97,8 +97,10 @@ def _capture(model: nn.Module, inputs: Tensor, layer: nn.Module, targets: Tensor
     if reshape is not None:
         act, grad = reshape(act), reshape(grad)
     if act.dim() < 3:
+        name = next((n for n, m in model.named_modules() if m is layer), "?")
         raise ValueError(
-            f"CAM layer output has shape {tuple(act.shape)}: no spatial dimensions. Pick a conv layer, or pass `reshape=` for tokens."
+            f"CAM layer {name!r} ({type(layer).__name__}) outputs shape {tuple(act.shape)}: no spatial dimensions. Pick a "
+            "layer with a [B, C, H, W] or [B, C, L] output (a conv layer), or pass `reshape=` for tokens."
         )
     return act, grad
 
