@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import pytorch_lightning as pl
 import torch
+from torch.utils.data import DataLoader
 
 from tests.models import Classifier, cnn, images, loaders, trainer
 from trainwatch import TrainWatch
@@ -86,3 +87,32 @@ def test_compiled_model_gets_no_extra_graphs_and_identical_training(store):
     assert watched_stats == bare_stats
     for a, b in zip(bare.state_dict().values(), watched.state_dict().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def _loaders(kind: str) -> tuple[DataLoader, DataLoader | None]:
+    data = images(n=96)
+    if kind == "own generator":  # PyTorch's reproducibility recipe: the shuffle draws from the loader's generator
+        return DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3)), None
+    persistent = dict(num_workers=1, persistent_workers=True)
+    train = DataLoader(data, batch_size=8, shuffle=True, **persistent)
+    return train, DataLoader(data, batch_size=32, **persistent) if kind == "persistent workers, validation" else None
+
+
+@pytest.mark.parametrize("kind", ["own generator", "persistent workers", "persistent workers, validation"])
+def test_drawing_probes_from_the_loaders_leaves_their_order_and_seeds_alone(store, kind):
+    """The activation probe, the CAM probes and the landscape's subset are read from the fit's own loaders (the
+    validation loader, else the training loader). A loader's generator, or the one worker seed a persistent-worker
+    loader draws when its iterator is first made, taken by those reads would change the training's batches or the
+    RNG stream that dropout draws from."""
+
+    def run(callbacks: list) -> Classifier:
+        pl.seed_everything(7)
+        model = Classifier(cnn(), lr=0.05)
+        trainer(max_steps=8, val_check_interval=4, callbacks=callbacks).fit(model, *_loaders(kind))
+        return model
+
+    bare = run([])
+    watch = TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False, report=False, cam_every_n_steps=3, landscape_samples=16)
+    watched = run([watch])
+    for name, tensor in bare.state_dict().items():
+        assert torch.equal(tensor, watched.state_dict()[name]), name

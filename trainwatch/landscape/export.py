@@ -15,7 +15,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from trainwatch._version import __version__
-from trainwatch.probes._scope import preserved_rng
+from trainwatch.probes._scope import read_quietly
 from trainwatch.probes.model_inputs import ModelInputs
 
 EVAL_DATA = "trainwatch/landscape/eval.safetensors"
@@ -34,8 +34,8 @@ def draw_pairs(sources: Sequence[tuple[str, Iterable | None]], samples: int) -> 
             continue
         xs: list[Tensor] = []
         ys: list[Tensor] = []
-        with preserved_rng():
-            for batch in loader:
+        with read_quietly(loader) as batches:
+            for batch in batches:
                 if not (isinstance(batch, (list, tuple)) and len(batch) >= 2 and all(isinstance(t, Tensor) for t in batch[:2])):
                     raise ValueError(
                         f"the {source} yields {type(batch).__name__} batches, not (inputs, targets) tensors; pass "

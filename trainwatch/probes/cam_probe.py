@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from trainwatch import cam
-from trainwatch.probes._scope import preserved_rng, untouched
+from trainwatch.probes._scope import read_quietly, untouched
 from trainwatch.record import Packer
 
 MAX_SCAN_BATCHES = 50  # how far into the data we look for examples of every class
@@ -23,8 +23,8 @@ def balanced_probes(loader: Iterable, k: int) -> tuple[Tensor, Tensor]:
     """The first `k` (input, label) pairs of `loader`, taken round-robin over classes in label order, so a
     skewed data set still gives every class a probe."""
     by_class: dict[int, list[Tensor]] = {}
-    with preserved_rng():
-        for i, batch in enumerate(loader):
+    with read_quietly(loader) as batches:
+        for i, batch in enumerate(batches):
             if not (isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[0], Tensor)):
                 raise ValueError("TrainWatch CAM probes need (inputs, labels) batches; pass `cam_probes=` and `cam_targets=` tensors.")
             for x, y in zip(batch[0], batch[1], strict=False):

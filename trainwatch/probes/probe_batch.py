@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from trainwatch.probes._scope import preserved_rng, untouched
+from trainwatch.probes._scope import read_quietly, untouched
 from trainwatch.probes.model_inputs import ModelInputs, concat, inputs_of, same_form
 
 _HOW = (
@@ -31,8 +31,8 @@ def draw_inputs(sources: Sequence[tuple[str, Iterable | None]], samples: int, te
         if loader is None:
             continue
         chunks: list[ModelInputs] = []
-        with preserved_rng():  # creating a DataLoader iterator draws from torch's global RNG
-            for batch in loader:
+        with read_quietly(loader) as batches:
+            for batch in batches:
                 try:
                     inputs = inputs_of(batch, template)
                 except ValueError as error:
