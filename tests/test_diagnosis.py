@@ -68,6 +68,23 @@ def test_nonfinite_origin_is_the_deepest_group_flagged_at_the_first_step():
     assert counts["train/findings_total"] == 2 and set(counts) == {f"train/findings/{k}" for k in KINDS} | {"train/findings_total"}
 
 
+def test_under_a_grad_scaler_nonfinite_gradients_are_skipped_steps_until_the_scale_collapses():
+    """fp16 AMP: a step with Inf gradients is one the GradScaler skips (its update is 0, which says nothing about
+    the learning rate); a loss scale below 1 is the fault."""
+    arrays = {"nonfinite_first_step": np.array([0.0]), "nonfinite_first_groups": np.array([1.0, 1.0, 1.0])}
+    overflow = {
+        "train/loss_scale": 65536.0, "train/nonfinite_steps": 1.0, "train/grad_nonfinite_total": 5.0,
+        "grad_nonfinite/in": 3.0, "grad_nonfinite/mid": 2.0, "grad_nonfinite/out": 0.0,
+        **{f"update_ratio/{g}": 0.0 for g in GROUPS}, **{f"grad_norm/{g}": math.inf for g in GROUPS},
+    }  # fmt: skip
+    d = Diagnosis(ModelFacts(GROUPS, grad_scaler=True))
+    assert _feed(d, [overflow] * 4, [arrays] * 4) == [] and d.health == "ok"
+    (f,) = d.observe(10, {**overflow, "train/loss_scale": 0.5}, arrays)
+    assert (f.kind, f.group, f.severity, f.first_step) == ("loss_scale_collapse", "mid", "critical", 10)
+    plain = Diagnosis(ModelFacts(GROUPS))  # no scaler: the same record is a fault
+    assert {x.kind for x in _feed(plain, [overflow] * 4, [arrays] * 4)} == {"nonfinite_gradients"}
+
+
 def test_a_resumed_fit_carries_the_findings_of_the_steps_before_it():
     """Resumed at step 6: the first fit's findings from before step 6 stay (a later one was logged by steps that are
     trained again and is dropped); the same finding seen again extends the carried one instead of starting a new one."""
@@ -255,3 +272,75 @@ def test_nan_is_located_at_its_step_and_layer_and_on_nonfinite_acts(mode, store,
         assert t.global_step == NanAt.at + 1 and weights_finite
         assert client.get_run(watch.run_id).info.status == "FINISHED"
     assert report["final"] and report["health"] == "critical"
+
+
+class ScalerLog(pl.Callback):
+    """Beside TrainWatch (and before it): the loss scale each step's backward used, and whether the step's
+    gradients held a NaN/Inf (a step the GradScaler then skips)."""
+
+    def __init__(self) -> None:
+        self.scale: dict[int, float] = {}
+        self.skipped: dict[int, bool] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        step = trainer.global_step
+        self.scale[step] = trainer.precision_plugin.scaler.get_scale()
+        self.skipped[step] = not all(torch.isfinite(p.grad).all() for p in pl_module.parameters() if p.grad is not None)
+
+
+def _amp_fit(store: str | None, mode: str = "warn", nan_at: int = 10**9) -> tuple[pl.Trainer, Classifier, ScalerLog, TrainWatch | None]:
+    """fp16 mixed precision on the CPU with a real GradScaler starting at 2^24, far above what the model's
+    gradients allow: its first steps overflow and are skipped, as at the start of AMP runs on GPUs."""
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    NanAt.at = nan_at
+    train, _ = loaders(blobs(n=256), batch_size=16)
+    module, log = Classifier(Planted(), lr=1e-2), ScalerLog()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, backoff_factor=0.125)  # 8x down per skipped step
+    watch = (
+        TrainWatch(every_n_steps=2, tracking_uri=store, system_metrics=False, landscape_samples=0, report=False, on_nonfinite=mode)
+        if store is not None
+        else None
+    )
+    callbacks = [StepClock(), log] + ([watch] if watch is not None else [])
+    t = trainer(max_steps=24, callbacks=callbacks, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    t.fit(module, train)
+    return t, module, log, watch
+
+
+@pytest.mark.slow
+def test_the_grad_scalers_skipped_steps_are_counted_not_diagnosed_and_training_is_unchanged(store):
+    """A healthy fp16 AMP run: its overflowing first steps are the GradScaler's business (it skips them and lowers
+    the scale). They once made a critical nonfinite_gradients finding, update_ratio_low warnings (a skipped step
+    moves nothing), and `on_nonfinite="stop"` ended the run at step 0."""
+    t, module, log, watch = _amp_fit(store, mode="stop")
+    assert t.global_step == 24 and sum(log.skipped.values()) >= 2 and not log.skipped[23]  # it calibrated, then trained
+    client = mlflow.MlflowClient(store)
+    report = json.loads(Path(client.download_artifacts(watch.run_id, "trainwatch/diagnosis.json", str(Path.cwd()))).read_text())
+    assert report["findings"] == [] and report["health"] == "ok"
+    scales = {m.step: m.value for m in client.get_metric_history(watch.run_id, "train/loss_scale")}
+    assert scales == {s: log.scale[s] for s in range(0, 24, 2)}
+    skipped = {m.step: m.value for m in client.get_metric_history(watch.run_id, "train/nonfinite_steps")}
+    assert skipped == {s: sum(log.skipped[i] for i in range(s + 1)) for s in range(0, 24, 2)}
+    _, bare, _, _ = _amp_fit(None)
+    for name, value in bare.state_dict().items():
+        assert torch.equal(module.state_dict()[name], value), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["warn", "stop"])
+def test_a_loss_scale_that_keeps_falling_is_a_critical_finding_and_stops_a_stop_run(store, mode):
+    """NaN gradients at every step from step 12: the scaler skips each one and the scale falls 8x per step."""
+    t, module, log, watch = _amp_fit(store, mode=mode, nan_at=12)
+    collapsed = min(s for s in log.scale if s >= 12 and log.scale[s] < 1.0)  # the first NaN step at a scale below 1
+    client = mlflow.MlflowClient(store)
+    report = json.loads(Path(client.download_artifacts(watch.run_id, "trainwatch/diagnosis.json", str(Path.cwd()))).read_text())
+    (finding,) = report["findings"]
+    assert (finding["kind"], finding["severity"]) == ("loss_scale_collapse", "critical")
+    assert finding["evidence"]["loss_scale"] < 1.0 and finding["first_step"] in (collapsed, collapsed + 1)
+    assert all(torch.isfinite(p).all() for p in module.parameters())  # the scaler skipped every NaN step
+    if mode == "stop":
+        assert t.global_step == collapsed + 1 and client.get_run(watch.run_id).info.status == "FINISHED"
+    else:
+        assert t.global_step == 24 and finding["group"] == "net.b"  # the deepest group with NaN gradients

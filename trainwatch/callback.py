@@ -168,7 +168,8 @@ class TrainWatch(pl.Callback):
         diagnosis_thresholds: `trainwatch.diagnose.Thresholds` to change when the rules fire.
         on_nonfinite: "warn" records the first step and layer with a NaN/Inf gradient (no sync); "skip_step" drops
             that step's gradients so the optimizer leaves the weights alone; "stop" also ends training cleanly. The
-            last two read one flag per step (one host sync per step).
+            last two read one flag per step (one host sync per step). Under fp16 AMP a GradScaler skips such steps
+            itself: "skip_step" leaves it to the scaler, and "stop" waits for a loss scale below `min_loss_scale`.
         trajectory_every_n_epochs: log the parameters before training and every n epochs, for landscapes on
             the principal directions of the training path (`trainwatch landscape RUN --directions pca`).
     """
@@ -300,6 +301,7 @@ class TrainWatch(pl.Callback):
         self._cam: CamProbe | None = None
         self._off: set[str] = set()  # measurements that raised, off for the rest of the fit
         self._dev_run = False  # `fast_dev_run`: checks only, nothing measured or logged
+        self._scaler: torch.amp.GradScaler | None = None  # fp16 AMP's: its skipped steps are not faults
 
     @property
     def _cam_on(self) -> bool:
@@ -485,7 +487,7 @@ class TrainWatch(pl.Callback):
         spool.write_meta(uri, self.run_id, report=self.report)
         b = bind(self.plan, trainer.lightning_module, self._trained)
         module = trainer.lightning_module
-        facts = model_facts(module, b.param_keys, b.act_names)
+        facts = model_facts(module, b.param_keys, b.act_names, grad_scaler=self._scaler is not None)
         diagnosis = Diagnosis(facts, self.diagnosis_thresholds) if self.diagnose else None
         if diagnosis is not None and self._resumed and (earlier := self._earlier_diagnosis()) is not None:
             carried = diagnosis.carry(earlier, trainer.global_step)  # the first fit's findings stay in the run's diagnosis
@@ -625,6 +627,13 @@ class TrainWatch(pl.Callback):
                     "trainwatch: `fast_dev_run`: the configuration, the model and the probes are checked; nothing is measured or logged."
                 )
             return
+        self._scaler = dynamics.grad_scaler(trainer.precision_plugin)
+        if self._scaler is not None and trainer.is_global_zero:
+            log.info(
+                "trainwatch: a GradScaler scales the loss (fp16 mixed precision): steps with NaN/Inf gradients are the ones it "
+                "skips, counted in train/nonfinite_steps and not diagnosed as faults; a loss scale that falls below %g is.",
+                self._thresholds.min_loss_scale,
+            )
         if trainer.is_global_zero:
             self._start_run(trainer)
         binding = bind(self.plan, pl_module, self._trained)
@@ -864,7 +873,8 @@ class TrainWatch(pl.Callback):
             self._check_idle_gradients(trainer)
         if self._due_step is not None and step > self._due_step:
             self._complete(trainer, pl_module, batch_end=False)  # several optimizers per batch: the previous step is done
-        acting = self.on_nonfinite != "warn"
+        # under a GradScaler, "skip_step" is what the scaler does itself, and "stop" waits for a collapsed loss scale
+        acting = self.on_nonfinite == "stop" if self._scaler is not None else self.on_nonfinite != "warn"
         watch = self._nonfinite if (acting or trainer.is_global_zero) else None  # "warn" needs it on rank zero only
         grads_logged, grad_norms = False, None
         if self._due_step != step and (self._due(trainer, at) or self._act_due(trainer, at) or self._cam_due(at)):
@@ -879,24 +889,43 @@ class TrainWatch(pl.Callback):
                     grads_logged = True
                     # read now: Lightning steps "step"-interval schedulers before on_train_batch_end
                     self._packer.host_metrics.update(dynamics.learning_rates(trainer.optimizers))
+                    scale = dynamics.loss_scale(self._scaler) if self._scaler is not None else None
+                    if scale is not None:
+                        self._packer.metric("train/loss_scale", scale)
         bad = self._guarded(NONFINITE, step, lambda: watch.check(step, grad_norms)) if watch is not None else None
         if grads_logged and watch is not None:
             assert self._packer is not None
             watch.pack(self._packer)  # after this step's check
-        if acting and bad is not None and bool(bad):  # the one host sync per step these modes cost
+        if acting and bad is not None and bool(bad) and not self._scaler_copes():  # the one host sync per step these modes cost
             self._act_on_nonfinite(trainer, step)
+
+    @property
+    def _thresholds(self) -> Thresholds:
+        return self.diagnosis_thresholds or Thresholds()
+
+    def _scaler_copes(self) -> bool:
+        """Whether a GradScaler will skip this step with non-finite gradients and go on at a lower scale: the
+        normal overflow of fp16 training, unless the scale it used already fell below `min_loss_scale`."""
+        return self._scaler is not None and self._scaler.get_scale() >= self._thresholds.min_loss_scale
 
     def _act_on_nonfinite(self, trainer: pl.Trainer, step: int) -> None:
         """Skip this optimizer step (and stop, with "stop"); the finding is shipped now, not at the next logged step."""
         assert self._nonfinite is not None
+        scale = dynamics.loss_scale(self._scaler) if self._scaler is not None else None
         if trainer.is_global_zero and self.sink is not None and self._packer is None:
             packer = Packer(step)  # not a logged step: ship the evidence now
             self._nonfinite.pack(packer)
+            if scale is not None:
+                packer.metric("train/loss_scale", scale)
             self.sink.submit(packer.ship())
         self._nonfinite.skip_step()
         if self.on_nonfinite == "stop":
             trainer.should_stop = True
-            log.error("trainwatch: non-finite gradients at step %d; this step was skipped and training stops (on_nonfinite='stop').", step)
+            at_scale = f" at a GradScaler loss scale of {float(scale):g}" if scale is not None else ""
+            log.error(
+                "trainwatch: non-finite gradients at step %d%s; this step was skipped and training stops (on_nonfinite='stop').",
+                step, at_scale,
+            )  # fmt: skip
         else:
             log.warning("trainwatch: non-finite gradients at step %d; the optimizer step was skipped (on_nonfinite='skip_step').", step)
 

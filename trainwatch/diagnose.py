@@ -22,6 +22,7 @@ KINDS = (
     "exploding_gradients",
     "nonfinite_gradients",
     "nonfinite_loss",
+    "loss_scale_collapse",
     "no_gradient",
     "dead_units",
     "saturated_activations",
@@ -30,7 +31,7 @@ KINDS = (
 )
 # Conditions of the whole model: their patience counts records whatever group they name, and they are one finding
 # each (named after the group at the first record), so a worst layer that changes does not restart the count.
-MODEL_WIDE = ("vanishing_gradients", "exploding_gradients")
+MODEL_WIDE = ("vanishing_gradients", "exploding_gradients", "loss_scale_collapse")
 # The rules each kind of record input feeds: a streak breaks only on a record that fed its rule and did not hit
 # (a record of activations alone says nothing about gradients).
 FED_BY = {
@@ -51,6 +52,7 @@ class Thresholds:
     saturated_fraction: float = 0.5  # tanh/sigmoid outputs beyond 0.99 (tanh) or outside [0.01, 0.99]
     update_ratio_high: float = 0.1  # ‖Δw‖/‖w‖ of one step; the usual healthy range is around 1e-3
     update_ratio_low: float = 1e-7
+    min_loss_scale: float = 1.0  # a GradScaler's loss scale below this: gradients overflow even unscaled
     patience: int = 3  # consecutive records a condition must hold (non-finite values: 1)
 
     def __post_init__(self) -> None:
@@ -65,6 +67,9 @@ ADVICE = {
     "and add normalisation.",
     "nonfinite_gradients": "a NaN/Inf appeared in backward at this layer: lower the learning rate, clip gradients, check for log(0), "
     "division by zero or sqrt of negatives, and use bf16 or a GradScaler with fp16.",
+    "loss_scale_collapse": "the GradScaler keeps skipping steps: the gradients are NaN/Inf even at this loss scale, so this is no "
+    "fp16 overflow it can absorb and the weights no longer change: look for a NaN/Inf source in the forward or the loss (log(0), "
+    "division by zero, sqrt at 0 or of negatives), lower the learning rate, or train in bf16.",
     "nonfinite_loss": "the loss is NaN/Inf: check the data for NaN/Inf, the loss for log(0) or division by zero, and lower the learning rate.",
     "no_gradient": "this trainable layer gets no gradient: look for a .detach(), torch.no_grad() or .data in the forward, an unused "
     "branch, or requires_grad=False set by mistake.",
@@ -102,6 +107,8 @@ class ModelFacts:
     # after them (a frozen layer in the middle is likely a mistake; a frozen prefix, a backbone, likely deliberate)
     frozen: Sequence[tuple[str, bool]] = ()
     loss_keys_hint: str = "loss"  # metric keys containing this are losses
+    # a GradScaler scales the loss (fp16 AMP): a step with NaN/Inf gradients is one it skips, not a fault
+    grad_scaler: bool = False
 
 
 class Diagnosis:
@@ -201,7 +208,7 @@ class Diagnosis:
         kinds = {kind for prefix, fed in FED_BY.items() if any(k.startswith(prefix) for k in metrics) for kind in fed}
         if "activations" in arrays:
             kinds |= {"dead_units", "saturated_activations"}
-        return kinds | {"nonfinite_gradients", "nonfinite_loss"}
+        return kinds | {"nonfinite_gradients", "nonfinite_loss", "loss_scale_collapse"}
 
     @property
     def health(self) -> str:
@@ -230,6 +237,17 @@ class Diagnosis:
         for key, value in metrics.items():
             if self.facts.loss_keys_hint in key and key.split("/", 1)[0] not in ("grad_norm", "landscape") and not math.isfinite(value):
                 hits.append(("nonfinite_loss", "critical", key, {"value": value}, 1))
+        if self.facts.grad_scaler:  # its calibration overflows are skipped steps; a scale that keeps falling is not
+            scale = metrics.get("train/loss_scale")
+            if scale is not None and scale < self.t.min_loss_scale:
+                flagged = [g for g in self.facts.param_groups if metrics.get(f"grad_nonfinite/{g}", 0.0) > 0]
+                evidence = {
+                    "loss_scale": scale,
+                    "threshold": self.t.min_loss_scale,
+                    "nonfinite_steps": metrics.get("train/nonfinite_steps"),
+                }
+                hits.append(("loss_scale_collapse", "critical", flagged[-1] if flagged else "model", evidence, 1))
+            return hits
         origin = _nonfinite_origin(metrics, arrays, self.facts.param_groups)
         if origin is not None:
             group, evidence = origin
@@ -263,6 +281,8 @@ class Diagnosis:
         return hits
 
     def _updates(self, metrics: Mapping[str, float]) -> list:
+        if metrics.get("train/grad_nonfinite_total", 0.0) != 0.0:  # a step skipped (GradScaler, "skip_step") or gone NaN
+            return []  # says nothing about the learning rate
         hits = []
         for g in self.facts.param_groups:
             ratio = metrics.get(f"update_ratio/{g}")
@@ -315,7 +335,7 @@ def _nonfinite_origin(metrics: Mapping[str, float], arrays: Mapping[str, np.ndar
     return None
 
 
-def model_facts(model: object, param_groups: Sequence[str], act_names: Sequence[str]) -> ModelFacts:
+def model_facts(model: object, param_groups: Sequence[str], act_names: Sequence[str], grad_scaler: bool = False) -> ModelFacts:
     """ModelFacts from a module: activation kinds of the watched modules and frozen parameter modules."""
     from torch import nn
 
@@ -333,4 +353,4 @@ def model_facts(model: object, param_groups: Sequence[str], act_names: Sequence[
     owners = [(n, flags) for n, flags in owners if flags]
     trainable = [i for i, (_, flags) in enumerate(owners) if any(flags)]
     frozen = [(n, bool(trainable) and trainable[0] < i < trainable[-1]) for i, (n, flags) in enumerate(owners) if not any(flags)]
-    return ModelFacts(list(param_groups), list(act_names), kinds, frozen)
+    return ModelFacts(list(param_groups), list(act_names), kinds, frozen, grad_scaler=grad_scaler)

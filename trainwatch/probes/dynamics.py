@@ -28,6 +28,19 @@ def learning_rates(optimizers: Sequence[torch.optim.Optimizer]) -> dict[str, flo
     return out
 
 
+def grad_scaler(precision_plugin: object) -> torch.amp.GradScaler | None:
+    """The GradScaler of fp16 mixed precision (Lightning's `MixedPrecision("16-mixed")`, FSDP's), if one is on."""
+    scaler = getattr(precision_plugin, "scaler", None)
+    return scaler if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() else None
+
+
+def loss_scale(scaler: torch.amp.GradScaler) -> Tensor | None:
+    """The scale this step's backward used, as a device scalar copied now (`update()` after the optimizer step
+    changes it in place); no sync. None before the first backward."""
+    scale = scaler._get_scale_async()  # get_scale() would read it to the host
+    return None if scale is None else scale.detach().clone()
+
+
 def batch_size(batch: object) -> int:
     """Samples in a batch: the leading size of its first tensor (0 if it holds none)."""
     if isinstance(batch, Tensor):
