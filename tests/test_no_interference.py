@@ -112,7 +112,9 @@ def test_drawing_probes_from_the_loaders_leaves_their_order_and_seeds_alone(stor
         return model
 
     bare = run([])
-    watch = TrainWatch(every_n_steps=1, tracking_uri=store, system_metrics=False, report=False, cam_every_n_steps=3, landscape_samples=16)
+    watch = TrainWatch(
+        every_n_steps=1, tracking_uri=store, system_metrics=False, report=False, cam_every_n_steps=3, landscape_samples=16, writer="thread"
+    )
     watched = run([watch])
     for name, tensor in bare.state_dict().items():
         assert torch.equal(tensor, watched.state_dict()[name]), name

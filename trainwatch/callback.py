@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 
 import pytorch_lightning as pl
 import torch
+from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -997,15 +998,44 @@ class TrainWatch(pl.Callback):
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Forward what this validation produced (our own run only); training metrics go with the logged steps."""
+        if trainer.state.fn == "validate":
+            self._log_evaluation(trainer)
         if not (self._own_run and self.sink is not None and not trainer.sanity_checking):
             return
-        before = self._metrics_before_val
         packer = Packer(trainer.global_step)
-        for name, value in trainer.callback_metrics.items():
-            if before.get(name) is not value and isinstance(value, Tensor) and value.numel() == 1:
-                self._val_values[name] = value
-                packer.metric(name, value)
+        for name, value in self._produced(trainer).items():
+            self._val_values[name] = value
+            packer.metric(name, value)
         self.sink.submit(packer.ship())
+
+    def _produced(self, trainer: pl.Trainer) -> dict[str, Tensor]:
+        """The scalar metrics the module logged since `on_validation_start`/`on_test_start` (compared by identity)."""
+        before = self._metrics_before_val
+        return {n: v for n, v in trainer.callback_metrics.items() if before.get(n) is not v and isinstance(v, Tensor) and v.numel() == 1}
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._metrics_before_val = dict(trainer.callback_metrics)
+
+    @override
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log_evaluation(trainer)
+
+    def _log_evaluation(self, trainer: pl.Trainer) -> None:
+        """`trainer.validate` or `trainer.test` after a fit whose run TrainWatch opened: what the module logged goes to
+        that run at the trainer's step, as an `MLFlowLogger` does for its run. Sent now (no training waits)."""
+        if not (trainer.is_global_zero and self._own_run and self.sink is None and self.run_id is not None):
+            return
+        values = {name: float(value) for name, value in self._produced(trainer).items()}
+        if not values:
+            return
+        stamp = int(time.time() * 1000)
+        try:
+            metrics = [Metric(name, value, stamp, trainer.global_step) for name, value in values.items()]
+            self._client.log_batch(self.run_id, metrics=metrics)
+        except Exception as error:  # noqa: BLE001 - say what was not logged, with the values, rather than fail the evaluation
+            stage = getattr(trainer.state.fn, "value", trainer.state.fn)
+            log.warning("trainwatch: the %s metrics were not logged to run %s (%s): %s", stage, self.run_id, error, values)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
