@@ -88,6 +88,8 @@ def test_gradients_are_logged_unscaled_under_fp16_amp(store):
     assert sorted(logged) == sorted(seen.norm) == list(range(6))
     assert all(seen.scale[s] > 1 for s in logged)  # the loss really was scaled, so a scaled norm would differ
     assert logged == pytest.approx(seen.norm, rel=1e-4)
+    scales = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss_scale")}
+    assert scales == seen.scale  # copied on the device before the scaler's update, read with the record
 
 
 def test_the_probe_batch_waits_in_pinned_host_memory_and_its_numbers_match_the_cpu(store):
