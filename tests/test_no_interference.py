@@ -89,8 +89,24 @@ def test_compiled_model_gets_no_extra_graphs_and_identical_training(store):
         assert torch.equal(a, b)
 
 
+class Augmented(torch.utils.data.Dataset):
+    """Random noise added to each image as it is read, from torch's global RNG (as torchvision's transforms draw)."""
+
+    def __init__(self) -> None:
+        self.data = images(n=96)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        x, y = self.data[i]
+        return x + 0.1 * torch.randn_like(x), y
+
+
 def _loaders(kind: str) -> tuple[DataLoader, DataLoader | None]:
     data = images(n=96)
+    if kind == "augmenting dataset, CAM probes by index":
+        return DataLoader(Augmented(), batch_size=8, shuffle=True), None
     if kind == "own generator":  # PyTorch's reproducibility recipe: the shuffle draws from the loader's generator
         return DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3)), None
     persistent = dict(num_workers=1, persistent_workers=True)
@@ -98,12 +114,14 @@ def _loaders(kind: str) -> tuple[DataLoader, DataLoader | None]:
     return train, DataLoader(data, batch_size=32, **persistent) if kind == "persistent workers, validation" else None
 
 
-@pytest.mark.parametrize("kind", ["own generator", "persistent workers", "persistent workers, validation"])
+@pytest.mark.parametrize(
+    "kind", ["own generator", "persistent workers", "persistent workers, validation", "augmenting dataset, CAM probes by index"]
+)
 def test_drawing_probes_from_the_loaders_leaves_their_order_and_seeds_alone(store, kind):
     """The activation probe, the CAM probes and the landscape's subset are read from the fit's own loaders (the
     validation loader, else the training loader). A loader's generator, or the one worker seed a persistent-worker
     loader draws when its iterator is first made, taken by those reads would change the training's batches or the
-    RNG stream that dropout draws from."""
+    RNG stream that dropout draws from; so would CAM probes read by index from a dataset that augments."""
 
     def run(callbacks: list) -> Classifier:
         pl.seed_everything(7)
@@ -113,8 +131,9 @@ def test_drawing_probes_from_the_loaders_leaves_their_order_and_seeds_alone(stor
 
     bare = run([])
     watch = TrainWatch(
-        every_n_steps=1, tracking_uri=store, system_metrics=False, report=False, cam_every_n_steps=3, landscape_samples=16, writer="thread"
-    )
+        every_n_steps=1, tracking_uri=store, system_metrics=False, report=False, cam_every_n_steps=3, landscape_samples=16, writer="thread",
+        cam_probes=[0, 5, 9] if kind.endswith("by index") else None,
+    )  # fmt: skip
     watched = run([watch])
     for name, tensor in bare.state_dict().items():
         assert torch.equal(tensor, watched.state_dict()[name]), name

@@ -50,6 +50,7 @@ from trainwatch.landscape.job import artifacts as landscape_artifacts
 from trainwatch.landscape.job import module_loss
 from trainwatch.ops import ArtifactOp, ParamsOp, TagsOp
 from trainwatch.probes import dynamics
+from trainwatch.probes._scope import preserved_rng
 from trainwatch.probes.cam_probe import CamProbe, balanced_probes
 from trainwatch.probes.model_inputs import ModelInputs
 from trainwatch.probes.nonfinite import NonfiniteWatch
@@ -743,7 +744,8 @@ class TrainWatch(pl.Callback):
             loader = first_loader(trainer.val_dataloaders) or first_loader(trainer.train_dataloader)
             if self.cam_probes is not None:
                 dataset = loader.dataset  # type: ignore[union-attr]
-                pairs = [dataset[i] for i in self.cam_probes]
+                with preserved_rng():  # a dataset that augments draws from the global RNG
+                    pairs = [dataset[i] for i in self.cam_probes]
                 inputs, targets = torch.stack([p[0] for p in pairs]), torch.tensor([int(p[1]) for p in pairs])
             else:
                 inputs, targets = balanced_probes(loader or [], self.cam_samples)
