@@ -3,6 +3,8 @@ TrainWatch, every probe on, with dropout, shuffling and gradient accumulation; n
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -90,23 +92,26 @@ def test_compiled_model_gets_no_extra_graphs_and_identical_training(store):
 
 
 class Augmented(torch.utils.data.Dataset):
-    """Random noise added to each image as it is read, from torch's global RNG (as torchvision's transforms draw)."""
+    """Random noise added to each image as it is read, from torch's global RNG (as torchvision's transforms draw)
+    or from Python's (as many hand-written augmentations do)."""
 
-    def __init__(self) -> None:
-        self.data = images(n=96)
+    def __init__(self, python_random: bool = False) -> None:
+        self.data, self.python_random = images(n=96), python_random
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, i: int):
         x, y = self.data[i]
-        return x + 0.1 * torch.randn_like(x), y
+        return x + 0.1 * (random.gauss(0.0, 1.0) if self.python_random else torch.randn_like(x)), y
 
 
 def _loaders(kind: str) -> tuple[DataLoader, DataLoader | None]:
     data = images(n=96)
     if kind == "augmenting dataset, CAM probes by index":
         return DataLoader(Augmented(), batch_size=8, shuffle=True), None
+    if kind == "augmenting with Python's random":  # a new run's name is drawn from it
+        return DataLoader(Augmented(python_random=True), batch_size=8, shuffle=True), None
     if kind == "own generator":  # PyTorch's reproducibility recipe: the shuffle draws from the loader's generator
         return DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(3)), None
     persistent = dict(num_workers=1, persistent_workers=True)
@@ -115,13 +120,18 @@ def _loaders(kind: str) -> tuple[DataLoader, DataLoader | None]:
 
 
 @pytest.mark.parametrize(
-    "kind", ["own generator", "persistent workers", "persistent workers, validation", "augmenting dataset, CAM probes by index"]
-)
+    "kind",
+    [
+        "own generator", "persistent workers", "persistent workers, validation", "augmenting dataset, CAM probes by index",
+        "augmenting with Python's random",
+    ],
+)  # fmt: skip
 def test_drawing_probes_from_the_loaders_leaves_their_order_and_seeds_alone(store, kind):
     """The activation probe, the CAM probes and the landscape's subset are read from the fit's own loaders (the
     validation loader, else the training loader). A loader's generator, or the one worker seed a persistent-worker
     loader draws when its iterator is first made, taken by those reads would change the training's batches or the
-    RNG stream that dropout draws from; so would CAM probes read by index from a dataset that augments."""
+    RNG stream that dropout draws from; so would CAM probes read by index from a dataset that augments, and
+    MLflow's random name for a new run, drawn from Python's `random`."""
 
     def run(callbacks: list) -> Classifier:
         pl.seed_everything(7)

@@ -637,7 +637,8 @@ class TrainWatch(pl.Callback):
                 self._thresholds.min_loss_scale,
             )
         if trainer.is_global_zero:
-            self._start_run(trainer)
+            with preserved_rng():  # MLflow names a new run with Python's global `random`, which training may draw from
+                self._start_run(trainer)
         binding = bind(self.plan, pl_module, self._trained)
         self._capture = Capture(
             binding,
