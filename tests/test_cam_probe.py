@@ -206,3 +206,27 @@ def test_a_model_returning_a_dict_of_logits_gets_its_cam_snapshots(store):
     with torch.no_grad():
         expect = model(torch.as_tensor(probes["inputs"][:1]).float())["logits"].softmax(1).max().item()
     assert confidence[4] == pytest.approx(expect, rel=1e-5)  # the weights after the last step are those of step 4's snapshot
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """A stream without `__len__` (as from a web or database reader): `bool(DataLoader)` would call `len()`."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __iter__(self):
+        return iter(self.data)
+
+
+def test_cam_probes_are_drawn_from_a_stream_without_a_length(store):
+    pl.seed_everything(0)
+    data = blob_data(n=64)
+    watch = TrainWatch(
+        every_n_steps=2, tracking_uri=store, system_metrics=False, cam_every_n_steps=2, cam_samples=2, landscape_samples=0, writer="thread"
+    )
+    trainer(max_steps=3, callbacks=[watch]).fit(Classifier(blob_net()), DataLoader(Stream(data), batch_size=16))
+    client, rid = _run(store)
+    probes = np.load(io.BytesIO(Path(client.download_artifacts(rid, "trainwatch/cam/probes.npz")).read_bytes()))
+    first = {int(y): x for x, y in reversed(list(zip(data.tensors[0], data.tensors[1], strict=True)))}  # first of each class
+    assert np.array_equal(probes["inputs"], torch.stack([first[0], first[1]]).numpy())  # balanced: one per class, in order
+    assert [m.step for m in client.get_metric_history(rid, "cam_confidence/p0")] == [0, 2]

@@ -249,12 +249,17 @@ class StepClock(pl.Callback):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["warn", "skip_step", "stop"])
-def test_nan_is_located_at_its_step_and_layer_and_on_nonfinite_acts(mode, store, caplog):
+@pytest.mark.parametrize(
+    ("mode", "act_every"), [("warn", None), ("skip_step", None), ("stop", None), ("stop", NanAt.at)]
+)  # the last: the stop step's record is open for activations only, and must carry the evidence too
+def test_nan_is_located_at_its_step_and_layer_and_on_nonfinite_acts(mode, act_every, store, caplog):
     torch.manual_seed(0)
     train, _ = loaders(blobs(n=256), batch_size=16)
     module = Classifier(Planted(), lr=1e-2)
-    watch = TrainWatch(every_n_steps=4, tracking_uri=store, system_metrics=False, landscape_samples=0, on_nonfinite=mode)
+    watch = TrainWatch(
+        every_n_steps=4, tracking_uri=store, system_metrics=False, landscape_samples=0, on_nonfinite=mode,
+        activations_every_n_steps=act_every,
+    )  # fmt: skip
     t = trainer(max_steps=12, callbacks=[StepClock(), watch])
     t.fit(module, train)
     client = mlflow.MlflowClient(store)
@@ -294,7 +299,7 @@ def _amp_fit(store: str | None, mode: str = "warn", nan_at: int = 10**9) -> tupl
     from pytorch_lightning.plugins.precision import MixedPrecision
 
     torch.manual_seed(0)
-    NanAt.at = nan_at
+    planted, NanAt.at = NanAt.at, nan_at
     train, _ = loaders(blobs(n=256), batch_size=16)
     module, log = Classifier(Planted(), lr=1e-2), ScalerLog()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24, backoff_factor=0.125)  # 8x down per skipped step
@@ -305,7 +310,10 @@ def _amp_fit(store: str | None, mode: str = "warn", nan_at: int = 10**9) -> tupl
     )
     callbacks = [StepClock(), log] + ([watch] if watch is not None else [])
     t = trainer(max_steps=24, callbacks=callbacks, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
-    t.fit(module, train)
+    try:
+        t.fit(module, train)
+    finally:
+        NanAt.at = planted  # the other tests plant theirs at 5
     return t, module, log, watch
 
 

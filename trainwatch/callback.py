@@ -13,6 +13,7 @@ import os
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -304,6 +305,11 @@ class TrainWatch(pl.Callback):
         self._off: set[str] = set()  # measurements that raised, off for the rest of the fit
         self._dev_run = False  # `fast_dev_run`: checks only, nothing measured or logged
         self._scaler: torch.amp.GradScaler | None = None  # fp16 AMP's: its skipped steps are not faults
+        self._fitted_by: weakref.ref[pl.Trainer] | None = None  # whose validate/test go to our run (weak: no cycle)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (`ddp_spawn` sends the callback to its processes): without the weak reference to a trainer."""
+        return {**self.__dict__, "_fitted_by": None}
 
     @property
     def _cam_on(self) -> bool:
@@ -639,6 +645,7 @@ class TrainWatch(pl.Callback):
         if trainer.is_global_zero:
             with preserved_rng():  # MLflow names a new run with Python's global `random`, which training may draw from
                 self._start_run(trainer)
+            self._fitted_by = weakref.ref(trainer)
         binding = bind(self.plan, pl_module, self._trained)
         self._capture = Capture(
             binding,
@@ -742,14 +749,15 @@ class TrainWatch(pl.Callback):
             assert self.cam_targets is not None
             inputs, targets = self.cam_probes, self.cam_targets
         else:
-            loader = first_loader(trainer.val_dataloaders) or first_loader(trainer.train_dataloader)
+            loader = first_loader(trainer.val_dataloaders)  # not `or`: bool() of a DataLoader calls len(), which an
+            loader = loader if loader is not None else first_loader(trainer.train_dataloader)  # IterableDataset may lack
             if self.cam_probes is not None:
                 dataset = loader.dataset  # type: ignore[union-attr]
                 with preserved_rng():  # a dataset that augments draws from the global RNG
                     pairs = [dataset[i] for i in self.cam_probes]
                 inputs, targets = torch.stack([p[0] for p in pairs]), torch.tensor([int(p[1]) for p in pairs])
             else:
-                inputs, targets = balanced_probes(loader or [], self.cam_samples)
+                inputs, targets = balanced_probes(loader if loader is not None else [], self.cam_samples)
         inputs = _like_module(pl_module, trainer.precision_plugin.convert_input(inputs.to(pl_module.device)))
         return CamProbe.build(pl_module, self.cam_methods, self.cam_layer, inputs, targets.to(pl_module.device))
 
@@ -901,7 +909,7 @@ class TrainWatch(pl.Callback):
             assert self._packer is not None
             watch.pack(self._packer)  # after this step's check
         if acting and bad is not None and bool(bad) and not self._scaler_copes():  # the one host sync per step these modes cost
-            self._act_on_nonfinite(trainer, step)
+            self._act_on_nonfinite(trainer, step, packed=grads_logged)
 
     @property
     def _thresholds(self) -> Thresholds:
@@ -912,16 +920,18 @@ class TrainWatch(pl.Callback):
         normal overflow of fp16 training, unless the scale it used already fell below `min_loss_scale`."""
         return self._scaler is not None and self._scaler.get_scale() >= self._thresholds.min_loss_scale
 
-    def _act_on_nonfinite(self, trainer: pl.Trainer, step: int) -> None:
-        """Skip this optimizer step (and stop, with "stop"); the finding is shipped now, not at the next logged step."""
+    def _act_on_nonfinite(self, trainer: pl.Trainer, step: int, packed: bool) -> None:
+        """Skip this optimizer step (and stop, with "stop"). The evidence goes with this step's record, or is shipped
+        now when no record is open (`packed`: the logged step's record holds it already)."""
         assert self._nonfinite is not None
         scale = dynamics.loss_scale(self._scaler) if self._scaler is not None else None
-        if trainer.is_global_zero and self.sink is not None and self._packer is None:
-            packer = Packer(step)  # not a logged step: ship the evidence now
+        if trainer.is_global_zero and self.sink is not None and not packed:
+            packer = self._packer or Packer(step)  # a record open for activations or CAM only, or none
             self._nonfinite.pack(packer)
             if scale is not None:
                 packer.metric("train/loss_scale", scale)
-            self.sink.submit(packer.ship())
+            if packer is not self._packer:
+                self.sink.submit(packer.ship())
         self._nonfinite.skip_step()
         if self.on_nonfinite == "stop":
             trainer.should_stop = True
@@ -1025,9 +1035,10 @@ class TrainWatch(pl.Callback):
         self._log_evaluation(trainer)
 
     def _log_evaluation(self, trainer: pl.Trainer) -> None:
-        """`trainer.validate` or `trainer.test` after a fit whose run TrainWatch opened: what the module logged goes to
-        that run at the trainer's step, as an `MLFlowLogger` does for its run. Sent now (no training waits)."""
-        if not (trainer.is_global_zero and self._own_run and self.sink is None and self.run_id is not None):
+        """`trainer.validate` or `trainer.test` on the trainer of a fit whose run TrainWatch opened: what the module
+        logged goes to that run, at the trainer's `global_step`. Sent now (no training waits)."""
+        fitted_by = self._fitted_by() if self._fitted_by is not None else None
+        if not (fitted_by is trainer and trainer.is_global_zero and self._own_run and self.sink is None and self.run_id):
             return
         values = {name: float(value) for name, value in self._produced(trainer).items()}
         if not values:

@@ -37,8 +37,9 @@ def grad_scaler(precision_plugin: object) -> torch.amp.GradScaler | None:
 def loss_scale(scaler: torch.amp.GradScaler) -> Tensor | None:
     """The scale this step's backward used, as a device scalar copied now (`update()` after the optimizer step
     changes it in place); no sync. None before the first backward."""
-    scale = scaler._get_scale_async()  # get_scale() would read it to the host
-    return None if scale is None else scale.detach().clone()
+    read = getattr(scaler, "_get_scale_async", None)  # get_scale() would read it to the host
+    scale = read() if read is not None else getattr(scaler, "_scale", None)
+    return scale.detach().clone() if isinstance(scale, Tensor) else None
 
 
 def batch_size(batch: object) -> int:
