@@ -1,17 +1,31 @@
 from __future__ import annotations
 
 import os
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 # Lightning and MLflow chatter that says nothing about trainwatch.
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 
 
+@pytest.fixture(scope="session")
+def migrated_store(tmp_path_factory) -> Path:
+    """An empty SQLite MLflow store whose schema MLflow created once for the session (its migrations take 2-3 s
+    for every new file, which a hundred tests would pay)."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments(max_results=1)
+    return path
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch) -> str:
-    """A fresh SQLite MLflow store; the working directory is the test's tmp dir (spools land there)."""
+def store(migrated_store, tmp_path, monkeypatch) -> str:
+    """A fresh SQLite MLflow store (a copy of the migrated empty one) at ./mlflow.db: the working directory is the
+    test's tmp dir (spools land there, and the default URI `sqlite:///mlflow.db` names this store)."""
     monkeypatch.chdir(tmp_path)
+    shutil.copy(migrated_store, tmp_path / "mlflow.db")
     return f"sqlite:///{tmp_path}/mlflow.db"

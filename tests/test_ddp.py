@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ SCRIPT = Path(__file__).with_name("ddp_train.py")
 
 
 @pytest.mark.parametrize(("every", "act_every"), [(1, 1), (3, 2)])
-def test_ddp_one_run_rank_zero_logs_and_histograms_sum_over_ranks(tmp_path, every, act_every):
+def test_ddp_one_run_rank_zero_logs_and_histograms_sum_over_ranks(tmp_path, migrated_store, every, act_every):
+    shutil.copy(migrated_store, tmp_path / "ddp.db")
     uri = f"sqlite:///{tmp_path}/ddp.db"
     landscape = ["--landscape"] if every == 3 else []  # the landscape at the end, on rank zero alone
     done = subprocess.run(
@@ -50,7 +52,8 @@ def test_ddp_one_run_rank_zero_logs_and_histograms_sum_over_ranks(tmp_path, ever
         assert any(f.path.endswith("random") for f in client.list_artifacts(run_id, "trainwatch/landscape"))
 
 
-def _train(tmp_path: Path, name: str, devices: int, batch: int) -> tuple[MlflowClient, str]:
+def _train(tmp_path: Path, migrated_store: Path, name: str, devices: int, batch: int) -> tuple[MlflowClient, str]:
+    shutil.copy(migrated_store, tmp_path / f"{name}.db")
     uri = f"sqlite:///{tmp_path}/{name}.db"
     args = [sys.executable, str(SCRIPT), uri, "1", "2", str(devices), str(batch), "1"]
     done = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
@@ -75,11 +78,11 @@ def _samples_per_step(history: dict[str, dict[int, float]]) -> list[float]:
     return [rate[s] * step_ms[s] / 1000 for s in sorted(rate) if s > 0]
 
 
-def test_ddp_metrics_match_the_single_process_run_of_the_same_global_batch(tmp_path):
+def test_ddp_metrics_match_the_single_process_run_of_the_same_global_batch(tmp_path, migrated_store):
     """2 ranks x batch 8 and 1 process x batch 16 see the same samples per step, so every gradient, weight,
     update and activation metric agrees (up to the order of float additions in the all-reduce)."""
-    single = _histories(*_train(tmp_path, "single", devices=1, batch=16))
-    ddp = _histories(*_train(tmp_path, "ddp", devices=2, batch=8))
+    single = _histories(*_train(tmp_path, migrated_store, "single", devices=1, batch=16))
+    ddp = _histories(*_train(tmp_path, migrated_store, "ddp", devices=2, batch=8))
     assert set(single) == set(ddp)
     compared = sorted(set(single) - NOT_COMPARABLE)
     assert any(k.startswith("grad_norm/") for k in compared) and any(k.startswith("act_hist") or k.startswith("act_") for k in compared)

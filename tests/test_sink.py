@@ -8,7 +8,6 @@ the spool; ops MLflow refuses; a spool damaged by a crash; `sync`; a malformed t
 from __future__ import annotations
 
 import json
-import shutil
 import threading
 import time
 import warnings
@@ -64,22 +63,6 @@ class Link:
 
     def batch_sizes(self) -> list[int]:
         return [len(op.values) for op in self.delivered if isinstance(op, MetricsOp)]
-
-
-@pytest.fixture(scope="module")
-def template_db(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments(max_results=1)  # creates and migrates the schema once
-    return path
-
-
-@pytest.fixture
-def store(template_db, tmp_path, monkeypatch) -> str:
-    """A fresh SQLite MLflow store (a copy of a migrated empty one: migrating takes a second); the working
-    directory is the test's tmp dir. Overrides conftest's `store` in this module."""
-    monkeypatch.chdir(tmp_path)
-    shutil.copy(template_db, tmp_path / "mlflow.db")
-    return f"sqlite:///{tmp_path}/mlflow.db"
 
 
 @pytest.fixture
