@@ -6,11 +6,17 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 # Lightning and MLflow chatter that says nothing about trainwatch.
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+
+# Under pytest-xdist (`make test` runs one worker per core) each worker takes its share of the cores for torch's
+# intra-op threads, rather than every worker one thread per core: oversubscribed cores slow every test down.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -197,3 +199,10 @@ def test_close_ends_the_child_and_is_idempotent(client, store):
     assert child.pid is None
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)  # reaped, not a zombie
+
+
+def test_the_child_imports_mlflow_but_not_torch():
+    """torch would add a second and about 180 MB to every writer process (the sink's overflow imported it once)."""
+    code = "import sys, trainwatch.writer_process; print(sorted(m for m in ('torch', 'pytorch_lightning') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"

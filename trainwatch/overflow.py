@@ -22,7 +22,6 @@ import threading
 from typing import IO, Any
 
 from trainwatch.ops import ArtifactOp, ImageOp, MetricsOp, ParamsOp, TagsOp
-from trainwatch.record import PendingRecord, Record
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +147,9 @@ class Overflow:
     def _storable(self, item: Any) -> object:
         """What goes in the file: records as plain values (waiting for an in-flight device copy here, off the
         training thread), ops as they are, anything else by reference."""
+        # here, not at the top: `record` imports torch, which the writer process (it imports the sink) does without
+        from trainwatch.record import PendingRecord, Record
+
         if isinstance(item, PendingRecord):
             return item.resolve()
         if isinstance(item, (Record, MetricsOp, ArtifactOp, ImageOp, TagsOp, ParamsOp)):
