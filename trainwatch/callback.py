@@ -20,7 +20,6 @@ from typing import Any, Literal, TypeVar
 
 import pytorch_lightning as pl
 import torch
-from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from pytorch_lightning.loggers import MLFlowLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -49,7 +48,7 @@ from trainwatch.landscape import export
 from trainwatch.landscape.compute import LandscapeSpec, batches_of, compute_landscape
 from trainwatch.landscape.job import artifacts as landscape_artifacts
 from trainwatch.landscape.job import module_loss
-from trainwatch.ops import ArtifactOp, ParamsOp, TagsOp
+from trainwatch.ops import ArtifactOp, MetricsOp, ParamsOp, TagsOp
 from trainwatch.probes import dynamics
 from trainwatch.probes._scope import preserved_rng
 from trainwatch.probes.cam_probe import CamProbe, balanced_probes
@@ -106,6 +105,11 @@ def _builds_late(module: pl.LightningModule) -> bool:
     """Whether the module has hooks Lightning calls after the callbacks' `setup`, in which it may build, wrap or
     compile its layers: its own `setup`, `configure_model` (and its older name, `configure_sharded_model`)."""
     return any(is_overridden(hook, module, pl.LightningModule) for hook in ("setup", "configure_model", "configure_sharded_model"))
+
+
+def _data_sources(trainer: pl.Trainer) -> list[tuple[str, Iterable | None]]:
+    """Where probes are drawn from, in order: the first validation loader, then the first training loader."""
+    return [("validation data", first_loader(trainer.val_dataloaders)), ("training data", first_loader(trainer.train_dataloader))]
 
 
 def _held_by(trainer: pl.Trainer) -> frozenset[int]:
@@ -295,7 +299,7 @@ class TrainWatch(pl.Callback):
         self._batch_at = 0  # global_step at the start of the current batch
         self._live_at: int | None = None  # the batch whose training forward the live hooks summarised
         self._val_values: dict[str, Any] = {}  # what each validation produced: forwarded then, not again at logged steps
-        self._metrics_before_val: dict[str, Any] = {}
+        self._metrics_before_eval: dict[str, Any] = {}
         self._throughput = dynamics.Throughput()
         self._status = "FINISHED"
         self._nonfinite: NonfiniteWatch | None = None
@@ -686,11 +690,7 @@ class TrainWatch(pl.Callback):
             if self.landscape_data is not None:
                 source, (inputs, targets) = "`landscape_data`", self.landscape_data
             else:
-                sources = [
-                    ("validation data", first_loader(trainer.val_dataloaders)),
-                    ("training data", first_loader(trainer.train_dataloader)),
-                ]
-                source, inputs, targets = export.draw_pairs(sources, self.landscape_samples)
+                source, inputs, targets = export.draw_pairs(_data_sources(trainer), self.landscape_samples)
             self.sink.submit(ArtifactOp(export.EVAL_DATA, export.eval_bytes(inputs, targets, source)))
             self._landscape_eval = (inputs, targets) if self.landscape_at_end else None
         except ValueError as error:
@@ -733,11 +733,10 @@ class TrainWatch(pl.Callback):
 
     def _draw_probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ModelInputs:
         """The activation probe's inputs (`probe_batch`, or drawn from the data), as the fit's batches are."""
-        sources = [("validation data", first_loader(trainer.val_dataloaders)), ("training data", first_loader(trainer.train_dataloader))]
         source, inputs = (
             ("`probe_batch`", self._given_probe)
             if self._given_probe is not None
-            else draw_inputs(sources, self.probe_samples, pl_module.example_input_array)
+            else draw_inputs(_data_sources(trainer), self.probe_samples, pl_module.example_input_array)
         )
         inputs = _like_module(pl_module, inputs.map(trainer.precision_plugin.convert_input))  # as batches ("64-true")
         check_forward(pl_module, inputs, source, pl_module.device)
@@ -749,8 +748,8 @@ class TrainWatch(pl.Callback):
             assert self.cam_targets is not None
             inputs, targets = self.cam_probes, self.cam_targets
         else:
-            loader = first_loader(trainer.val_dataloaders)  # not `or`: bool() of a DataLoader calls len(), which an
-            loader = loader if loader is not None else first_loader(trainer.train_dataloader)  # IterableDataset may lack
+            # not `or`: bool() of a DataLoader calls len(), which a loader of an IterableDataset may not have
+            loader = next((found for _, found in _data_sources(trainer) if found is not None), None)
             if self.cam_probes is not None:
                 dataset = loader.dataset  # type: ignore[union-attr]
                 with preserved_rng():  # a dataset that augments draws from the global RNG
@@ -1006,7 +1005,7 @@ class TrainWatch(pl.Callback):
 
     @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._metrics_before_val = dict(trainer.callback_metrics)  # the tensors themselves: compared by identity, no sync
+        self._metrics_before_eval = dict(trainer.callback_metrics)  # the tensors themselves: compared by identity, no sync
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -1023,12 +1022,12 @@ class TrainWatch(pl.Callback):
 
     def _produced(self, trainer: pl.Trainer) -> dict[str, Tensor]:
         """The scalar metrics the module logged since `on_validation_start`/`on_test_start` (compared by identity)."""
-        before = self._metrics_before_val
+        before = self._metrics_before_eval
         return {n: v for n, v in trainer.callback_metrics.items() if before.get(n) is not v and isinstance(v, Tensor) and v.numel() == 1}
 
     @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._metrics_before_val = dict(trainer.callback_metrics)
+        self._metrics_before_eval = dict(trainer.callback_metrics)
 
     @override
     def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -1045,8 +1044,7 @@ class TrainWatch(pl.Callback):
             return
         stamp = int(time.time() * 1000)
         try:
-            metrics = [Metric(name, value, stamp, trainer.global_step) for name, value in values.items()]
-            self._client.log_batch(self.run_id, metrics=metrics)
+            MlflowWriter(self._client, self.run_id)(MetricsOp(tuple((k, v, stamp, trainer.global_step) for k, v in values.items())))
         except Exception as error:  # noqa: BLE001 - say what was not logged, with the values, rather than fail the evaluation
             stage = getattr(trainer.state.fn, "value", trainer.state.fn)
             log.warning("trainwatch: the %s metrics were not logged to run %s (%s): %s", stage, self.run_id, error, values)

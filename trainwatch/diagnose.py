@@ -240,7 +240,7 @@ class Diagnosis:
         if self.facts.grad_scaler:  # its calibration overflows are skipped steps; a scale that keeps falling is not
             scale = metrics.get("train/loss_scale")
             if scale is not None and scale < self.t.min_loss_scale:
-                flagged = [g for g in self.facts.param_groups if metrics.get(f"grad_nonfinite/{g}", 0.0) > 0]
+                flagged = _flagged_groups(metrics, self.facts.param_groups)
                 evidence = {
                     "loss_scale": scale,
                     "threshold": self.t.min_loss_scale,
@@ -328,11 +328,15 @@ def _nonfinite_origin(metrics: Mapping[str, float], arrays: Mapping[str, np.ndar
     if flags is not None and first >= 0 and flags.any():
         flagged = [g for g, f in zip(groups, flags, strict=False) if f]
         return flagged[-1], {"first_step": int(first), "groups_nonfinite_at_onset": flagged[-8:]}
-    counts = [(g, metrics.get(f"grad_nonfinite/{g}", 0.0)) for g in groups]
-    flagged = [g for g, c in counts if c and c > 0]
+    flagged = _flagged_groups(metrics, groups)
     if flagged:
         return flagged[-1], {"groups_nonfinite": flagged[-8:], "count": metrics.get(f"grad_nonfinite/{flagged[-1]}")}
     return None
+
+
+def _flagged_groups(metrics: Mapping[str, float], groups: Sequence[str]) -> list[str]:
+    """The groups (in forward order) with NaN/Inf gradient entries in this record."""
+    return [g for g in groups if (metrics.get(f"grad_nonfinite/{g}") or 0.0) > 0]
 
 
 def model_facts(model: object, param_groups: Sequence[str], act_names: Sequence[str], grad_scaler: bool = False) -> ModelFacts:
